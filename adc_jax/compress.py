@@ -1,0 +1,258 @@
+"""The ADC operator: merge similar samples, keep the most attended tokens (ADC_SPEC §2).
+
+Two public functions:
+
+* :func:`compression_plan` turns a compression ratio ξ (or explicit ratios, or explicit counts)
+  into the static ints ``T`` (clusters) and ``k`` (kept tokens, CLS included).
+* :func:`compress` applies ADC to one batch of client activations.
+
+Neither knows about Flax, training or devices; :func:`compress` accepts an optional named axis so
+that a batch spread over devices is compressed as one global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from adc_jax.kmeans import kmeans
+
+# Guards int(r·B) against float error such as 0.7 * 10 = 6.999999999999999.
+_EPS = 1e-9
+
+SPLITS = ("sqrt", "fifth")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressionPlan:
+    """Static sizes of one ADC step: ``T`` merged samples of ``k`` tokens each."""
+
+    batch_size: int  # B
+    seq_len: int  # N, CLS included
+    num_clusters: int  # T
+    num_tokens: int  # k, CLS included
+
+    @property
+    def batch_ratio(self) -> float:
+        return self.num_clusters / self.batch_size
+
+    @property
+    def token_ratio(self) -> float:
+        return self.num_tokens / self.seq_len
+
+    @property
+    def xi(self) -> float:
+        """The actual compression ratio ``T·k / (B·N)``."""
+        return self.batch_ratio * self.token_ratio
+
+
+def compression_plan(
+    batch_size: int,
+    seq_len: int,
+    xi: float | None = None,
+    *,
+    split: str = "sqrt",
+    batch_ratio: float | None = None,
+    token_ratio: float | None = None,
+    num_clusters: int | None = None,
+    num_tokens: int | None = None,
+) -> CompressionPlan:
+    """Chooses ``T`` and ``k`` for a batch of ``B`` samples of ``N`` tokens.
+
+    Give exactly one of:
+
+    * ``xi`` (with ``split``): ``split="sqrt"`` (default, the paper's EUSIPCO version) uses
+      ``T/B = k/N = √ξ``; ``split="fifth"`` (the 2025 experiment code) uses ``T/B = ξ^(1/5)`` and
+      ``k/N = ξ^(4/5)``;
+    * ``batch_ratio`` and ``token_ratio``;
+    * ``num_clusters`` and ``num_tokens``.
+
+    Ratios become counts as ``T = max(2, int(r_B·B))`` and ``k = max(1, int(r_N·N))``.
+    Example: ``B = 128, N = 197, ξ = 0.1`` gives ``T = 40, k = 62`` and an actual ξ of 0.0984.
+
+    Raises:
+      ValueError: for ``ξ`` or a ratio outside ``(0, 1]``, an unknown ``split``, a mix of the three
+        ways, ``B < 2``, ``N < 1``, or counts outside ``2 <= T <= B``, ``1 <= k <= N``.
+    """
+    if batch_size < 2:
+        raise ValueError(f"batch_size ({batch_size}) must be at least 2 to merge samples.")
+    if seq_len < 1:
+        raise ValueError(f"seq_len ({seq_len}) must be at least 1.")
+    given = [
+        xi is not None,
+        batch_ratio is not None or token_ratio is not None,
+        num_clusters is not None or num_tokens is not None,
+    ]
+    if sum(given) != 1:
+        raise ValueError(
+            "Give exactly one of: xi; batch_ratio and token_ratio; num_clusters and num_tokens."
+        )
+    if xi is not None:
+        _check_ratio("xi", xi)
+        if split == "sqrt":
+            batch_ratio = token_ratio = math.sqrt(xi)
+        elif split == "fifth":
+            batch_ratio, token_ratio = xi ** (1 / 5), xi ** (4 / 5)
+        else:
+            raise ValueError(f"Unknown split {split!r}; expected one of {SPLITS}.")
+    if num_clusters is None and num_tokens is None:
+        if batch_ratio is None or token_ratio is None:
+            raise ValueError("Give both batch_ratio and token_ratio.")
+        _check_ratio("batch_ratio", batch_ratio)
+        _check_ratio("token_ratio", token_ratio)
+        num_clusters = max(2, int(batch_ratio * batch_size + _EPS))
+        num_tokens = max(1, int(token_ratio * seq_len + _EPS))
+    if num_clusters is None or num_tokens is None:
+        raise ValueError("Give both num_clusters and num_tokens.")
+    check_sizes(batch_size, seq_len, num_clusters, num_tokens)
+    return CompressionPlan(batch_size, seq_len, int(num_clusters), int(num_tokens))
+
+
+def _check_ratio(name: str, value: float) -> None:
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} ({value}) must be in (0, 1].")
+
+
+def check_sizes(batch_size: int, seq_len: int, num_clusters: int, num_tokens: int) -> None:
+    if not 2 <= num_clusters <= batch_size:
+        raise ValueError(
+            f"num_clusters ({num_clusters}) must satisfy 2 <= T <= batch size ({batch_size})."
+        )
+    if not 1 <= num_tokens <= seq_len:
+        raise ValueError(
+            f"num_tokens ({num_tokens}) must satisfy 1 <= k <= sequence length ({seq_len})."
+        )
+
+
+class Compressed(NamedTuple):
+    """What :func:`compress` returns (a pytree).
+
+    Attributes:
+      tokens: ``[T, k, D]`` merged activations; CLS first, then the ``k−1`` patch tokens with the
+        highest centroid score, in decreasing score order. Dtype of the input tokens.
+      labels: ``[T, C] float32`` mean of the member rows of ``labels``, or ``None``.
+      assignment: ``[B] int32``, the cluster of each sample.
+      cluster_size: ``[T] int32``, members per cluster; every entry is ``>= 1``.
+      token_index: ``[T, k] int32`` positions kept; ``token_index[:, 0] == 0`` (CLS).
+      centroids: ``[T, N] float32``, the mean score vector of each cluster.
+    """
+
+    tokens: jax.Array
+    labels: jax.Array | None
+    assignment: jax.Array
+    cluster_size: jax.Array
+    token_index: jax.Array
+    centroids: jax.Array
+
+
+def select_tokens(centroids: jax.Array, num_tokens: int) -> jax.Array:
+    """CLS plus the ``k−1`` patch positions with the highest centroid score: ``[T, k] int32``.
+
+    Ties go to the lower position (``lax.top_k``'s rule).
+    """
+    cls = jnp.zeros((centroids.shape[0], 1), jnp.int32)
+    if num_tokens == 1:
+        return cls
+    _, top = jax.lax.top_k(centroids[:, 1:], num_tokens - 1)
+    return jnp.concatenate([cls, top.astype(jnp.int32) + 1], axis=1)
+
+
+def compress(
+    tokens: jax.Array,
+    scores: jax.Array,
+    *,
+    num_clusters: int,
+    num_tokens: int,
+    key: jax.Array,
+    labels: jax.Array | None = None,
+    max_iters: int = 50,
+    tol: float = 1e-4,
+    axis_name: str | None = None,
+) -> Compressed:
+    """Attention-based Double Compression of one batch (ADC_SPEC §2).
+
+    1. K-means (Euclidean) on the score vectors into ``T = num_clusters`` clusters: initial
+       centroids are ``T`` distinct rows of ``scores`` chosen with ``key``; Lloyd iterations until
+       the squared total centre shift is below ``tol`` or ``max_iters`` ran. No cluster is ever
+       empty: an empty cluster takes the sample farthest from its own centroid among the clusters
+       that have more than one member (see :mod:`adc_jax.kmeans`).
+    2. Each cluster's activations and labels are averaged (soft labels).
+    3. Each merged sample keeps CLS plus the ``k−1`` patch tokens that its centroid scores highest.
+
+    Args:
+      tokens: ``[B, N, D]`` client output; index 0 of the token axis is CLS.
+      scores: ``[B, N]`` head-averaged CLS attention row of the last client block (CLS→CLS
+        included). Only used to cluster and rank; never differentiated.
+      num_clusters: static ``T``, ``2 <= T <= B``.
+      num_tokens: static ``k``, ``1 <= k <= N``, CLS included.
+      key: PRNG key for the K-means initialisation. Same key, same inputs: same output.
+      labels: optional ``[B, C]`` one-hot or probability rows.
+      max_iters: static cap on Lloyd iterations (reference: 50).
+      tol: convergence threshold on the squared total centre shift (reference: 1e-4).
+      axis_name: when set, the call runs under ``pmap``/``shard_map`` with this named axis and
+        each device passes its own slice of one global batch (``B`` is then the global batch
+        size). Scores are all-gathered, every device runs the same K-means, and per-cluster
+        partial sums are summed across devices; every device returns the same full output and
+        ``assignment`` covers the global batch.
+
+    Returns:
+      A :class:`Compressed`. Differentiable with respect to ``tokens`` (and ``labels``): the
+      gradient of a merged token is divided by the cluster size and scattered back to its
+      members' kept positions; dropped tokens get zero. K-means, the scores and the token indices
+      carry no gradient. Works under ``jit`` (sizes static), ``vmap`` and ``pmap``.
+    """
+    if tokens.ndim != 3:
+        raise ValueError(f"tokens must be [B, N, D]; got shape {tokens.shape}.")
+    if scores.shape != tokens.shape[:2]:
+        raise ValueError(
+            f"scores must be [B, N] = {tokens.shape[:2]} to match tokens; got {scores.shape}."
+        )
+    if labels is not None and (labels.ndim != 2 or labels.shape[0] != tokens.shape[0]):
+        raise ValueError(
+            f"labels must be [B, C] with B = {tokens.shape[0]}; got shape {labels.shape}."
+        )
+    local_batch, seq_len, _ = tokens.shape
+
+    # ---- Gather the global batch of scores (no-op on one device) -------------------------
+    all_scores = jax.lax.stop_gradient(scores)
+    if axis_name is not None:
+        all_scores = jax.lax.all_gather(all_scores, axis_name, tiled=True)
+    check_sizes(all_scores.shape[0], seq_len, num_clusters, num_tokens)
+
+    # ---- 1. K-means on the score vectors ----------------------------------------------------
+    result = kmeans(all_scores, num_clusters, key, max_iters=max_iters, tol=tol)
+    token_index = select_tokens(result.centroids, num_tokens)
+
+    # ---- 2+3. Select each sample's kept tokens, then average within clusters ---------------
+    assignment = result.assignment
+    if axis_name is not None:
+        start = jax.lax.axis_index(axis_name) * local_batch
+        assignment = jax.lax.dynamic_slice_in_dim(assignment, start, local_batch)
+    # Gathering before merging is exact (both are linear) and touches k, not N, tokens.
+    kept = jnp.take_along_axis(tokens, token_index[assignment][:, :, None], axis=1)  # [B, k, D]
+    weights = jax.nn.one_hot(assignment, num_clusters, dtype=jnp.float32).T
+    weights = weights / result.cluster_size[:, None].astype(jnp.float32)  # [T, B]
+
+    def merge(x, spec):
+        # HIGHEST: a mean, not a feature map; TPUs would otherwise round the weights to bf16.
+        out = jnp.einsum(
+            spec, weights, x, preferred_element_type=jnp.float32, precision="highest"
+        )
+        if axis_name is not None:
+            out = jax.lax.psum(out, axis_name)
+        return out
+
+    merged = merge(kept, "tb,bkd->tkd").astype(tokens.dtype)
+    merged_labels = None if labels is None else merge(labels, "tb,bc->tc")
+    return Compressed(
+        tokens=merged,
+        labels=merged_labels,
+        assignment=result.assignment,
+        cluster_size=result.cluster_size,
+        token_index=token_index,
+        centroids=result.centroids,
+    )
