@@ -1,0 +1,497 @@
+"""ViT / DeiT in Flax Linen, cut in two for split learning (ADC_SPEC §1, ARCHITECTURE decision 2).
+
+The model is timm's ``VisionTransformer`` as used by DeiT v1 (class token, learned absolute position
+embedding added after the class token is prepended, pre-norm blocks, classification on token 0),
+split after block ``l = split_index``:
+
+* :class:`Client`: patch embedding, CLS token, position embedding, blocks ``0..l-1``. Returns the
+  tokens ``[B, N, D]`` and the last client block's head-averaged CLS attention row ``[B, N]`` (the
+  ADC scores, computed in the same forward pass).
+* :class:`Server`: blocks ``l..L-1``, final LayerNorm, linear head on token 0. Accepts any token
+  count ``1 <= n <= N`` (the ADC payload keeps ``k < N`` tokens, CLS first).
+* :class:`SplitViT`: a plain (non-Module) holder of both halves with ``init`` and ``apply_full``.
+
+Numerics follow timm so that converted checkpoints agree to ≤ 1e-4 in float32: LayerNorm eps 1e-6,
+exact (erf) GELU, one fused ``qkv`` projection laid out ``[q heads…, k heads…, v heads…]``.
+
+Parameter tree (block indices are global, so a converter maps ``blocks.{i}`` to ``blocks_{i}`` on
+whichever side holds it)::
+
+    client: patch_embed/{kernel [p, p, C, D] (HWIO, like nn.Conv), bias [D]}
+            cls_token [1, 1, D]
+            pos_embed [1, N, D]
+            blocks_{i}  for i in 0..l-1
+    server: blocks_{i}  for i in l..L-1
+            norm/{scale [D], bias [D]}
+            head/{kernel [D, num_classes], bias [num_classes]}
+    blocks_{i}: norm1/{scale, bias}, attn/qkv/{kernel [D, 3D], bias [3D]},
+                attn/proj/{kernel [D, D], bias [D]}, norm2/{scale, bias},
+                mlp/fc1/{kernel [D, M], bias [M]}, mlp/fc2/{kernel [M, D], bias [D]}
+
+Parameters are float32; ``dtype`` sets the compute dtype (bfloat16 on TPU), while attention logits,
+softmax, LayerNorm statistics, scores and logits stay float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Params = Any
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FASHION_MNIST_MEAN = (0.2860,)
+FASHION_MNIST_STD = (0.3530,)
+
+LN_EPS = 1e-6
+
+# timm's ``init_weights_vit_timm``: trunc-normal(0.02) linear weights and pos_embed, zero biases,
+# cls_token normal(1e-6). The patch embedding (a conv in timm, PyTorch default init there) uses
+# LeCun normal, as big_vision does.
+_DENSE_INIT = nn.initializers.truncated_normal(stddev=0.02)
+_POS_INIT = nn.initializers.truncated_normal(stddev=0.02)
+_CLS_INIT = nn.initializers.normal(stddev=1e-6)
+_PATCH_INIT = nn.initializers.lecun_normal()
+
+
+# ------------------------------------------------------------------------------------------------
+# Configs and registry
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """Static architecture of a ViT/DeiT and the input normalisation of its checkpoint.
+
+    Images are square, ``image_size × image_size × in_chans``, NHWC, already normalised with
+    ``(x - mean) / std`` (per channel, on [0, 1] pixel values).
+    """
+
+    name: str
+    image_size: int
+    patch_size: int
+    in_chans: int
+    width: int  # D
+    depth: int  # L
+    num_heads: int
+    mlp_dim: int
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"{self.name}: image size {self.image_size} is not divisible by the patch size "
+                f"{self.patch_size}; use a multiple of {self.patch_size} "
+                f"(e.g. {self.image_size - self.image_size % self.patch_size})."
+            )
+        if self.width % self.num_heads:
+            raise ValueError(
+                f"{self.name}: width {self.width} is not divisible by num_heads {self.num_heads}."
+            )
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
+            raise ValueError(
+                f"{self.name}: mean/std need one entry per input channel ({self.in_chans}); "
+                f"got {len(self.mean)} and {len(self.std)}."
+            )
+        if self.num_classes < 1:
+            raise ValueError(f"{self.name}: num_classes must be >= 1, got {self.num_classes}.")
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def seq_len(self) -> int:
+        """N: tokens entering the blocks, CLS included."""
+        return self.num_patches + 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+
+def _imagenet(name, width, depth, num_heads, mlp_dim) -> ViTConfig:
+    return ViTConfig(
+        name=name,
+        image_size=224,
+        patch_size=16,
+        in_chans=3,
+        width=width,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_dim=mlp_dim,
+        num_classes=1000,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    )
+
+
+MODELS: dict[str, ViTConfig] = {
+    c.name: c
+    for c in (
+        # timm deit_*_patch16_224.fb_in1k: ImageNet-1k, ImageNet mean/std.
+        _imagenet("deit_tiny_patch16_224", 192, 12, 3, 768),
+        _imagenet("deit_small_patch16_224", 384, 12, 6, 1536),
+        _imagenet("deit_base_patch16_224", 768, 12, 12, 3072),
+        # A small ViT for Fashion-MNIST (the project's real-data check on a CPU).
+        ViTConfig(
+            name="vit_mini_patch4_28",
+            image_size=28,
+            patch_size=4,
+            in_chans=1,
+            width=64,
+            depth=4,
+            num_heads=2,
+            mlp_dim=256,
+            num_classes=10,
+            mean=FASHION_MNIST_MEAN,
+            std=FASHION_MNIST_STD,
+        ),
+        # Tiny variant for fast CPU tests (N = 17 tokens).
+        ViTConfig(
+            name="vit_test_patch4_16",
+            image_size=16,
+            patch_size=4,
+            in_chans=3,
+            width=32,
+            depth=4,
+            num_heads=2,
+            mlp_dim=64,
+            num_classes=10,
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+        ),
+    )
+}
+
+
+def get_model_config(
+    name: str, *, num_classes: int | None = None, image_size: int | None = None
+) -> ViTConfig:
+    """The registered config ``name``, optionally with another head size or image size.
+
+    Raises:
+      ValueError: unknown ``name`` (the message lists the known ones), or an ``image_size`` not
+        divisible by the patch size.
+    """
+    if name not in MODELS:
+        raise ValueError(f"Unknown model {name!r}; known models: {', '.join(sorted(MODELS))}.")
+    config = MODELS[name]
+    changes = {}
+    if num_classes is not None:
+        changes["num_classes"] = num_classes
+    if image_size is not None:
+        changes["image_size"] = image_size
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+# ------------------------------------------------------------------------------------------------
+# Layers
+# ------------------------------------------------------------------------------------------------
+
+
+def _layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
+    # Flax computes the mean/variance in float32 even for bfloat16 inputs.
+    return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def _dense(features: int, name: str, dtype: Dtype) -> nn.Dense:
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=_DENSE_INIT,
+        bias_init=nn.initializers.zeros,
+        name=name,
+    )
+
+
+class PatchEmbed(nn.Module):
+    """timm's ``patch_embed.proj`` (conv, kernel = stride = patch) as patchify + one matmul.
+
+    The kernel is stored ``[p, p, C, D]`` (HWIO, the layout of ``nn.Conv``; timm's OIHW weight is
+    ``w.transpose(2, 3, 1, 0)``). A non-overlapping conv is exactly a matmul of the flattened
+    ``(row, col, channel)`` patches with the reshaped kernel, which XLA on CPU runs faster than a
+    strided convolution. Patches come out in row-major grid order, like timm's ``flatten(2)``.
+
+    Input ``[B, H, W, C]``; output ``[B, (H/p)·(W/p), D]`` in ``dtype``.
+    """
+
+    patch_size: int
+    width: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        b, h, w, c = images.shape
+        p = self.patch_size
+        kernel = self.param("kernel", _PATCH_INIT, (p, p, c, self.width), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.width,), jnp.float32)
+        gh, gw = h // p, w // p
+        x = images.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
+        x = x.reshape(b, gh * gw, p * p * c).astype(self.dtype)
+        x = x @ kernel.reshape(p * p * c, self.width).astype(self.dtype)
+        return x + bias.astype(self.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with timm's fused ``qkv`` layout.
+
+    Input ``[B, N, D]``. Returns ``(out [B, N, D], cls_attention [B, N] float32 or None)``, where
+    ``cls_attention`` is row 0 (the CLS query) of the post-softmax attention, averaged over heads.
+    """
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, return_cls_attention: bool = False
+    ) -> tuple[jax.Array, jax.Array | None]:
+        b, n, d = x.shape
+        h = self.num_heads
+        hd = d // h
+        # One [D, 3D] matmul instead of three: fewer, larger GEMMs are faster on CPU, and the output
+        # columns are timm's attn.qkv rows: [q (head 0..H-1), k (…), v (…)], each head hd wide.
+        qkv = _dense(3 * d, "qkv", self.dtype)(x).reshape(b, n, 3, h, hd)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, hd]
+        # Logits and softmax in float32 whatever the compute dtype: bfloat16 softmax over ~200 keys
+        # loses the small entries that ADC ranks tokens by.
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(logits * (hd**-0.5), axis=-1)  # [B, H, N, N]
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v).reshape(b, n, d)
+        out = _dense(d, "proj", self.dtype)(out)
+        cls_attention = probs[:, :, 0, :].mean(axis=1) if return_cls_attention else None
+        return out, cls_attention
+
+
+class Mlp(nn.Module):
+    """``fc1 → exact GELU → fc2``; ``[B, N, D] → [B, N, D]``."""
+
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        x = _dense(self.mlp_dim, "fc1", self.dtype)(x)
+        x = nn.gelu(x, approximate=False)  # timm's nn.GELU is the erf form
+        return _dense(d, "fc2", self.dtype)(x)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``.
+
+    Input ``[B, N, D]`` (any N). Returns ``(x [B, N, D] in dtype, cls_attention [B, N] float32 or
+    None)``; see :class:`Attention`.
+    """
+
+    num_heads: int
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, return_cls_attention: bool = False
+    ) -> tuple[jax.Array, jax.Array | None]:
+        y, cls_attention = Attention(self.num_heads, self.dtype, name="attn")(
+            _layer_norm("norm1", self.dtype)(x), return_cls_attention
+        )
+        x = x + y
+        x = x + Mlp(self.mlp_dim, self.dtype, name="mlp")(_layer_norm("norm2", self.dtype)(x))
+        return x, cls_attention
+
+
+def _check_split(config: ViTConfig, split_index: int) -> None:
+    if not 1 <= split_index <= config.depth - 1:
+        raise ValueError(
+            f"split_index must be in 1..{config.depth - 1} for {config.name} (depth "
+            f"{config.depth}): the client and the server each need at least one block; got "
+            f"{split_index}."
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Client and server
+# ------------------------------------------------------------------------------------------------
+
+
+class Client(nn.Module):
+    """Embedding and blocks ``0..split_index-1``.
+
+    ``__call__(images [B, H, W, C] float, normalised)`` returns ``(tokens [B, N, D] in dtype,
+    scores [B, N] float32)``: ``scores`` is the CLS query row of the last client block's softmax
+    attention averaged over heads (each row sums to 1; CLS→CLS included). It is wrapped in
+    ``stop_gradient``: ADC only ranks and clusters with it (ADC_SPEC §2.1).
+    """
+
+    config: ViTConfig
+    split_index: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        cfg = self.config
+        _check_split(cfg, self.split_index)
+        expected = (cfg.image_size, cfg.image_size, cfg.in_chans)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(
+                f"{cfg.name} expects images [B, {', '.join(map(str, expected))}] "
+                f"(NHWC); got {tuple(images.shape)}."
+            )
+        x = PatchEmbed(cfg.patch_size, cfg.width, self.dtype, name="patch_embed")(images)
+        cls = self.param("cls_token", _CLS_INIT, (1, 1, cfg.width), jnp.float32)
+        pos = self.param("pos_embed", _POS_INIT, (1, cfg.seq_len, cfg.width), jnp.float32)
+        # DeiT v1: prepend CLS, then add the N-entry position embedding (CLS has a position too).
+        cls = jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, cfg.width))
+        x = jnp.concatenate([cls, x], axis=1) + pos.astype(self.dtype)
+        scores = None
+        for i in range(self.split_index):
+            last = i == self.split_index - 1
+            x, scores = Block(cfg.num_heads, cfg.mlp_dim, self.dtype, name=f"blocks_{i}")(
+                x, return_cls_attention=last
+            )
+        return x, jax.lax.stop_gradient(scores)
+
+
+class Server(nn.Module):
+    """Blocks ``split_index..L-1``, final LayerNorm and the head on token 0.
+
+    ``__call__(tokens [B, n, D])`` with any ``1 <= n <= N`` and CLS at index 0 (positions are
+    embedded on the client, so dropping or reordering the other tokens needs nothing here).
+    Returns ``logits [B, num_classes]`` float32.
+    """
+
+    config: ViTConfig
+    split_index: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        cfg = self.config
+        _check_split(cfg, self.split_index)
+        if tokens.ndim != 3 or tokens.shape[-1] != cfg.width or tokens.shape[1] < 1:
+            raise ValueError(
+                f"{cfg.name} server expects tokens [B, n >= 1, {cfg.width}]; got "
+                f"{tuple(tokens.shape)}."
+            )
+        x = tokens.astype(self.dtype)
+        for i in range(self.split_index, cfg.depth):
+            x, _ = Block(cfg.num_heads, cfg.mlp_dim, self.dtype, name=f"blocks_{i}")(x)
+        # Only the CLS token feeds the head; the final norm is per token, so apply it to CLS only.
+        x = _layer_norm("norm", self.dtype)(x[:, 0])
+        logits = _dense(cfg.num_classes, "head", self.dtype)(x)
+        return logits.astype(jnp.float32)
+
+
+def init_head(key: jax.Array, width: int, num_classes: int) -> Params:
+    """Fresh head parameters ``{kernel [D, C], bias [C]}`` float32, initialised as in the server."""
+    return {
+        "kernel": _DENSE_INIT(key, (width, num_classes), jnp.float32),
+        "bias": jnp.zeros((num_classes,), jnp.float32),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# The pair
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitViT:
+    """A ViT cut after block ``split_index``: config, the two modules and helpers (not a Module).
+
+    Frozen and hashable, so it can be a static argument of ``jax.jit``.
+    """
+
+    config: ViTConfig
+    split_index: int
+    dtype: Dtype = jnp.float32
+
+    def __post_init__(self):
+        _check_split(self.config, self.split_index)
+
+    @property
+    def client(self) -> Client:
+        return Client(self.config, self.split_index, self.dtype)
+
+    @property
+    def server(self) -> Server:
+        return Server(self.config, self.split_index, self.dtype)
+
+    @property
+    def seq_len(self) -> int:
+        """N, CLS included."""
+        return self.config.seq_len
+
+    @property
+    def width(self) -> int:
+        """D."""
+        return self.config.width
+
+    @property
+    def depth(self) -> int:
+        """L."""
+        return self.config.depth
+
+    def init(self, key: jax.Array) -> dict[str, Params]:
+        """``{"client": params, "server": params}``, float32, each half from its own subkey."""
+        client_key, server_key = jax.random.split(key)
+        init_client, init_server = _init_fns(self.config, self.split_index)
+        return {"client": init_client(client_key), "server": init_server(server_key)}
+
+    def apply_client(self, client_params: Params, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``images [B, H, W, C] → (tokens [B, N, D], scores [B, N] float32)``."""
+        return self.client.apply({"params": client_params}, images)
+
+    def apply_server(self, server_params: Params, tokens: jax.Array) -> jax.Array:
+        """``tokens [B, n, D] → logits [B, num_classes] float32``."""
+        return self.server.apply({"params": server_params}, tokens)
+
+    def apply_full(self, params: dict[str, Params], images: jax.Array) -> jax.Array:
+        """Uncompressed client → server: ``images [B, H, W, C] → logits [B, C]`` float32."""
+        tokens, _ = self.apply_client(params["client"], images)
+        return self.apply_server(params["server"], tokens)
+
+
+@functools.cache
+def _init_fns(config: ViTConfig, split_index: int):
+    """Jitted ``key → params`` for each half, compiled once per architecture and split.
+
+    Compiling the many threefry draws of an init takes seconds on CPU; caching makes repeated
+    inits (seeds, tests) cheap. Parameters do not depend on the compute dtype or the token count.
+    """
+    images = jnp.zeros((1, config.image_size, config.image_size, config.in_chans), jnp.float32)
+    tokens = jnp.zeros((1, 1, config.width), jnp.float32)
+    client, server = Client(config, split_index), Server(config, split_index)
+    return (
+        jax.jit(lambda key: client.init(key, images)["params"]),
+        jax.jit(lambda key: server.init(key, tokens)["params"]),
+    )
+
+
+def make_model(
+    name: str,
+    *,
+    split_index: int,
+    num_classes: int | None = None,
+    image_size: int | None = None,
+    dtype: Dtype = jnp.float32,
+) -> SplitViT:
+    """The registered model ``name`` cut after block ``split_index`` (1..L-1)."""
+    config = get_model_config(name, num_classes=num_classes, image_size=image_size)
+    return SplitViT(config, split_index, dtype)
