@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -128,13 +129,36 @@ def check_sizes(batch_size: int, seq_len: int, num_clusters: int, num_tokens: in
         )
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _global_sum(x: jax.Array, axis_name: str) -> jax.Array:
+    """``psum`` whose gradient sums every device's cotangent.
+
+    Each device may use the merged batch differently (e.g. only its own share of the clusters),
+    so a member's gradient must collect the cotangents of all devices. Spelled out because
+    ``psum``'s own transpose does not sum device-varying cotangents under every JAX version.
+    """
+    return jax.lax.psum(x, axis_name)
+
+
+def _global_sum_fwd(x, axis_name):
+    return jax.lax.psum(x, axis_name), None
+
+
+def _global_sum_bwd(axis_name, _, g):
+    return (jax.lax.psum(g, axis_name),)
+
+
+_global_sum.defvjp(_global_sum_fwd, _global_sum_bwd)
+
+
 class Compressed(NamedTuple):
     """What :func:`compress` returns (a pytree).
 
     Attributes:
       tokens: ``[T, k, D]`` merged activations; CLS first, then the ``k−1`` patch tokens with the
         highest centroid score, in decreasing score order. Dtype of the input tokens.
-      labels: ``[T, C] float32`` mean of the member rows of ``labels``, or ``None``.
+      labels: ``[T, C] float32`` (float64 for float64 labels) mean of the member rows of
+        ``labels``, or ``None``.
       assignment: ``[B] int32``, the cluster of each sample.
       cluster_size: ``[T] int32``, members per cluster; every entry is ``>= 1``.
       token_index: ``[T, k] int32`` positions kept; ``token_index[:, 0] == 0`` (CLS).
@@ -197,7 +221,8 @@ def compress(
         each device passes its own slice of one global batch (``B`` is then the global batch
         size). Scores are all-gathered, every device runs the same K-means, and per-cluster
         partial sums are summed across devices; every device returns the same full output and
-        ``assignment`` covers the global batch.
+        ``assignment`` covers the global batch. Gradients sum the cotangents that all devices
+        put on the merged output (each device may use a different share of it).
 
     Returns:
       A :class:`Compressed`. Differentiable with respect to ``tokens`` (and ``labels``): the
@@ -234,16 +259,16 @@ def compress(
         assignment = jax.lax.dynamic_slice_in_dim(assignment, start, local_batch)
     # Gathering before merging is exact (both are linear) and touches k, not N, tokens.
     kept = jnp.take_along_axis(tokens, token_index[assignment][:, :, None], axis=1)  # [B, k, D]
-    weights = jax.nn.one_hot(assignment, num_clusters, dtype=jnp.float32).T
-    weights = weights / result.cluster_size[:, None].astype(jnp.float32)  # [T, B]
+    members = jax.nn.one_hot(assignment, num_clusters, dtype=jnp.float32).T  # [T, B]
 
     def merge(x, spec):
+        # At least float32; float64 inputs (under x64) keep float64 precision.
+        dtype = jnp.promote_types(x.dtype, jnp.float32)
+        weights = members.astype(dtype) / result.cluster_size[:, None].astype(dtype)
         # HIGHEST: a mean, not a feature map; TPUs would otherwise round the weights to bf16.
-        out = jnp.einsum(
-            spec, weights, x, preferred_element_type=jnp.float32, precision="highest"
-        )
+        out = jnp.einsum(spec, weights, x, preferred_element_type=dtype, precision="highest")
         if axis_name is not None:
-            out = jax.lax.psum(out, axis_name)
+            out = _global_sum(out, axis_name)
         return out
 
     merged = merge(kept, "tb,bkd->tkd").astype(tokens.dtype)

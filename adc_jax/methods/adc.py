@@ -1,0 +1,88 @@
+"""ADC: Attention-based Double Compression (ADC_SPEC §2) as a split-learning method."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from adc_jax.compress import CompressionPlan, compress, compression_plan
+from adc_jax.methods.core import CutShape, Method, Payload
+
+
+def axis_size(axis_name: str | None) -> int:
+    """Number of devices along ``axis_name`` (1 without one); a Python int under pmap."""
+    return 1 if axis_name is None else jax.lax.psum(1, axis_name)
+
+
+@dataclasses.dataclass(frozen=True)
+class ADC(Method):
+    """Merge similar samples (K-means on CLS attention) and keep the most attended tokens.
+
+    Sizes come from ``xi`` with ``split`` (``"sqrt"``: ``T/B = k/N = √ξ``; ``"fifth"``:
+    ``T/B = ξ^(1/5)``, ``k/N = ξ^(4/5)``), or from explicit ratios, or explicit counts; see
+    :func:`adc_jax.compression_plan`.
+    """
+
+    name: ClassVar[str] = "adc"
+
+    xi: float | None = 0.1
+    split: str = "sqrt"
+    batch_ratio: float | None = None
+    token_ratio: float | None = None
+    num_clusters: int | None = None
+    num_tokens: int | None = None
+    max_iters: int = 50
+    tol: float = 1e-4
+
+    def plan(self, batch_size: int, seq_len: int) -> CompressionPlan:
+        ratios = self.batch_ratio is not None or self.token_ratio is not None
+        counts = self.num_clusters is not None or self.num_tokens is not None
+        return compression_plan(
+            batch_size,
+            seq_len,
+            None if ratios or counts else self.xi,
+            split=self.split,
+            batch_ratio=self.batch_ratio,
+            token_ratio=self.token_ratio,
+            num_clusters=self.num_clusters,
+            num_tokens=self.num_tokens,
+        )
+
+    def validate(self, cut: CutShape) -> None:
+        self.plan(cut.batch_size, cut.seq_len)
+
+    def encode(self, params, state, tokens, scores, labels, key, *, num_classes, axis_name=None):
+        del params, state
+        devices = axis_size(axis_name)
+        plan = self.plan(tokens.shape[0] * devices, tokens.shape[1])
+        out = compress(
+            tokens,
+            scores,
+            num_clusters=plan.num_clusters,
+            num_tokens=plan.num_tokens,
+            key=key,
+            labels=jax.nn.one_hot(labels, num_classes, dtype=jnp.float32),
+            max_iters=self.max_iters,
+            tol=self.tol,
+            axis_name=axis_name,
+        )
+        merged, soft_labels = out.tokens, out.labels
+        if devices > 1 and plan.num_clusters % devices == 0:
+            # Every device holds all T merged samples; each serves its own T/n of them. The
+            # gradient of the slice flows back through compress's psum to every member.
+            share = plan.num_clusters // devices
+            start = jax.lax.axis_index(axis_name) * share
+            merged = jax.lax.dynamic_slice_in_dim(merged, start, share)
+            soft_labels = jax.lax.dynamic_slice_in_dim(soft_labels, start, share)
+        # Otherwise every device serves all T (identical work); the protocol's 1/n loss scale
+        # keeps the summed gradients equal to one device's.
+        return Payload(merged, soft_labels, {})
+
+    def xi_paper(self, cut: CutShape) -> float:
+        # The reference budgets ADC at its nominal ξ when one is given.
+        if self.xi is not None and self.batch_ratio is None and self.num_clusters is None:
+            return float(self.xi)
+        return self.plan(cut.batch_size, cut.seq_len).xi

@@ -1,0 +1,210 @@
+"""The interface every split-learning compression method implements.
+
+A method decides what the client sends across the cut and how the server reads it:
+
+* ``encode`` (client side, differentiable w.r.t. the client's tokens and its own parameters)
+  returns a :class:`Payload`: the ``activations`` the server differentiates its loss against
+  (the downlink gradient has their shape), the ``labels`` the server trains on, and any
+  non-differentiable ``side`` information (indices, codes, …).
+* ``decode`` (server side) turns the payload back into tokens ``[M, n, D]`` for the server blocks.
+* ``targets`` gives the server's soft targets ``[M, C]``.
+* ``uplink_bytes`` / ``downlink_bytes`` count what crosses the cut, per part, from the payload's
+  shapes and dtypes and the link's channel.
+* ``xi_paper`` is the paper-compatible compression ratio, and ``active_at_eval`` says whether the
+  method stays on at evaluation (only BottleNet++, whose autoencoder is part of the model).
+
+Methods are frozen dataclasses (hashable, so they can be static arguments of ``jit``); learned
+parameters live in ``init``'s ``{"client": ..., "server": ...}`` tree and fixed state (such as
+C3-SL's keys) in its ``state``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from adc_jax.link import Channel, nbytes
+
+
+class Payload(NamedTuple):
+    """What the client sends the server in one step (a pytree of arrays)."""
+
+    activations: jax.Array  # differentiated by the server; the gradient comes back in this shape
+    labels: jax.Array  # [M] int class indices or [M, C] float soft labels
+    side: dict[str, jax.Array]  # non-differentiable side information
+
+
+@dataclasses.dataclass(frozen=True)
+class CutShape:
+    """Static sizes at the cut for one client (one program's view of the batch)."""
+
+    batch_size: int  # B seen by this client (the global batch in the default mode)
+    seq_len: int  # N, CLS included
+    width: int  # D
+    num_classes: int  # C
+
+
+def label_dtype(num_classes: int):
+    """The smallest unsigned integer type that holds a class index."""
+    return jnp.uint8 if num_classes <= 256 else jnp.uint16 if num_classes <= 65536 else jnp.int32
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """Base class: sends the activations as they are (the ``base`` method)."""
+
+    name: ClassVar[str] = "base"
+    active_at_eval: ClassVar[bool] = False
+
+    # ---- Parameters and fixed state -----------------------------------------------------------
+
+    def init(self, key: jax.Array, cut: CutShape) -> tuple[dict[str, Any], Any]:
+        """Returns ``({"client": params, "server": params}, state)``; both may be empty."""
+        del key
+        self.validate(cut)
+        return {"client": {}, "server": {}}, {}
+
+    def validate(self, cut: CutShape) -> None:
+        """Raises ValueError when this method cannot run on ``cut``."""
+
+    # ---- The two sides of the cut ---------------------------------------------------------------
+
+    def encode(
+        self,
+        params: Any,
+        state: Any,
+        tokens: jax.Array,
+        scores: jax.Array,
+        labels: jax.Array,
+        key: jax.Array,
+        *,
+        num_classes: int,
+        axis_name: str | None = None,
+    ) -> Payload:
+        """Client side. ``tokens [B, N, D]``, ``scores [B, N]``, ``labels [B] int``.
+
+        ``axis_name`` is set when one client's batch is spread over devices (each call sees its
+        slice); methods whose encoding couples samples reduce over it.
+        """
+        del params, state, scores, key, axis_name
+        return Payload(tokens, labels.astype(label_dtype(num_classes)), {})
+
+    def decode(self, params: Any, state: Any, payload: Payload) -> jax.Array:
+        """Server side: tokens ``[M, n, D]`` for the server blocks."""
+        del params, state
+        return payload.activations
+
+    def targets(self, payload: Payload, num_classes: int) -> jax.Array:
+        """Soft targets ``[M, C]`` for the server's cross-entropy."""
+        if payload.labels.ndim == 2:
+            return payload.labels.astype(jnp.float32)
+        return jax.nn.one_hot(payload.labels, num_classes, dtype=jnp.float32)
+
+    def eval_tokens(
+        self, client_params: Any, server_params: Any, state: Any, tokens: jax.Array
+    ) -> jax.Array:
+        """What the server blocks see at evaluation (uncompressed unless ``active_at_eval``)."""
+        del client_params, server_params, state
+        return tokens
+
+    # ---- Accounting ------------------------------------------------------------------------
+
+    def xi_paper(self, cut: CutShape) -> float:
+        """The paper-compatible compression ratio ξ (ADC_SPEC §3, §5)."""
+        del cut
+        return 1.0
+
+    def uplink_bytes(self, payload: Payload, channel: Channel) -> dict[str, int]:
+        """Bytes sent client → server per step, by part. ``payload`` may hold ShapeDtypeStructs."""
+        act = payload.activations
+        parts = {
+            "activations": channel.wire_bytes(act.shape, act.dtype),
+            "labels": nbytes(payload.labels.shape, payload.labels.dtype),
+        }
+        for name, value in sorted(payload.side.items()):
+            parts[name] = nbytes(value.shape, value.dtype)
+        return parts
+
+    def downlink_bytes(self, payload: Payload, channel: Channel) -> dict[str, int]:
+        """Bytes sent server → client per step: the gradient w.r.t. the activations."""
+        act = payload.activations
+        return {"gradient": channel.wire_bytes(act.shape, act.dtype)}
+
+
+def dense_bytes(cut: CutShape, dtype=jnp.float32) -> int:
+    """One direction of the uncompressed reference: ``B·N·D`` values of ``dtype``."""
+    return nbytes((cut.batch_size, cut.seq_len, cut.width), dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCost:
+    """What one training step sends across the cut, per direction, in bytes (all clients)."""
+
+    uplink: dict[str, int]  # bytes by part (activations, labels, indices, ...)
+    downlink: dict[str, int]
+    dense_uplink: int  # the base method's uplink for the same batch (activations + labels)
+    dense_downlink: int
+    xi_paper: float  # the paper-compatible ratio (ADC_SPEC §3, §5)
+    batch_size: int  # samples per step over all clients
+
+    @property
+    def bytes_up(self) -> int:
+        return sum(self.uplink.values())
+
+    @property
+    def bytes_down(self) -> int:
+        return sum(self.downlink.values())
+
+    @property
+    def xi_measured(self) -> float:
+        """``(ξ_up + ξ_down) / 2`` from exact bytes, against the uncompressed method."""
+        return 0.5 * (self.bytes_up / self.dense_uplink + self.bytes_down / self.dense_downlink)
+
+    @property
+    def samples_equivalent(self) -> float:
+        """The paper's budget unit per step: ``ξ·B``."""
+        return self.xi_paper * self.batch_size
+
+
+def payload_shapes(method: Method, cut: CutShape) -> Payload:
+    """Shapes and dtypes of one client's payload, without computing anything."""
+    params, state = jax.eval_shape(lambda k: method.init(k, cut), jax.random.key(0))
+    tokens = jax.ShapeDtypeStruct((cut.batch_size, cut.seq_len, cut.width), jnp.float32)
+    scores = jax.ShapeDtypeStruct((cut.batch_size, cut.seq_len), jnp.float32)
+    labels = jax.ShapeDtypeStruct((cut.batch_size,), jnp.int32)
+
+    def encode(params, state, tokens, scores, labels, key):
+        return method.encode(
+            params["client"], state, tokens, scores, labels, key, num_classes=cut.num_classes
+        )
+
+    return jax.eval_shape(encode, params, state, tokens, scores, labels, jax.random.key(0))
+
+
+def step_cost(
+    method: Method,
+    cut: CutShape,
+    uplink: Channel = Channel(),
+    downlink: Channel = Channel(),
+    *,
+    clients: int = 1,
+) -> StepCost:
+    """Exact bytes per step for ``clients`` clients that each see ``cut`` (ADC_SPEC §3).
+
+    Computed from the shapes and dtypes of what :meth:`Method.encode` returns for one client's
+    whole batch, with the channels' wire formats; multiplied by the number of clients.
+    """
+    payload = payload_shapes(method, cut)
+    dense = payload_shapes(Method(), cut)
+    scale = lambda parts: {k: v * clients for k, v in parts.items()}
+    return StepCost(
+        uplink=scale(method.uplink_bytes(payload, uplink)),
+        downlink=scale(method.downlink_bytes(payload, downlink)),
+        dense_uplink=clients * sum(Method().uplink_bytes(dense, Channel()).values()),
+        dense_downlink=clients * sum(Method().downlink_bytes(dense, Channel()).values()),
+        xi_paper=method.xi_paper(cut),
+        batch_size=clients * cut.batch_size,
+    )
