@@ -8,3 +8,20 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+import pytest  # noqa: E402
+
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.fixture(scope="session")
+def fashion_dir(tmp_path_factory):
+    """Fashion-MNIST prepared once per session from the real IDX files (about 10 s)."""
+    from adc_jax import data
+
+    if not os.path.exists(os.path.join(FASHION_DIR, "train-images-idx3-ubyte.gz")):
+        pytest.skip("apt-get install dataset-fashion-mnist")
+    data_dir = tmp_path_factory.mktemp("tfds_fashion")
+    data.prepare("fashion_mnist", data_dir)
+    return data_dir

@@ -1,0 +1,360 @@
+"""adc_jax.data: TF-free preparation and reading, batching order, resumption, sharding, padding."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+from unittest import mock
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from adc_jax import data
+from adc_jax.datasets import read_idx
+
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+needs_fashion = pytest.mark.skipif(
+    not os.path.exists(os.path.join(FASHION_DIR, "train-images-idx3-ubyte.gz")),
+    reason="apt-get install dataset-fashion-mnist",
+)
+
+
+def assert_no_tensorflow():
+    assert "tensorflow" not in sys.modules, "TensorFlow was imported"
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: real Fashion-MNIST, fake CIFAR tarballs
+# ---------------------------------------------------------------------------------------------
+
+
+def _pickle_bytes(obj) -> bytes:
+    return pickle.dumps(obj, protocol=2)
+
+
+def write_cifar_tarball(path, num_classes: int, n_train: int, n_test: int, seed: int = 0):
+    """Writes a small tarball in the official python-pickle layout; returns the expected arrays."""
+    rng = np.random.default_rng(seed)
+    expected = {}
+    files = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        flat = rng.integers(0, 256, (n, 3072), dtype=np.uint8)  # R, G, B planes of 32×32
+        fine = rng.integers(0, num_classes, n)
+        expected[split] = {
+            "image": flat.reshape(n, 3, 32, 32).transpose(0, 2, 3, 1),
+            "label": fine,
+        }
+        if num_classes == 100:
+            coarse = rng.integers(0, 20, n)
+            expected[split]["coarse_label"] = coarse
+            files[f"cifar-100-python/{split}"] = {
+                b"data": flat,
+                b"fine_labels": fine.tolist(),
+                b"coarse_labels": coarse.tolist(),
+                b"filenames": [b"x.png"] * n,
+            }
+        elif split == "test":
+            files["cifar-10-batches-py/test_batch"] = {b"data": flat, b"labels": fine.tolist()}
+        else:  # CIFAR-10 spreads train over five batches
+            for i, part in enumerate(np.array_split(np.arange(n), 5)):
+                files[f"cifar-10-batches-py/data_batch_{i + 1}"] = {
+                    b"data": flat[part],
+                    b"labels": fine[part].tolist(),
+                }
+    meta = "cifar-100-python/meta" if num_classes == 100 else "cifar-10-batches-py/batches.meta"
+    files[meta] = {b"unused": True}
+    with tarfile.open(path, "w:gz") as tar:
+        for name, obj in files.items():
+            payload = _pickle_bytes(obj)
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return expected
+
+
+@pytest.fixture(scope="module")
+def cifar100(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar100")
+    tarball = root / "cifar-100-python.tar.gz"
+    expected = write_cifar_tarball(tarball, 100, n_train=23, n_test=9)
+    data_dir = root / "tfds"
+    out = data.prepare("cifar100", data_dir, tarball=tarball)
+    return data_dir, expected, out
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry and errors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_registry():
+    assert set(data.DATASETS) == {"fashion_mnist", "cifar10", "cifar100", "food101"}
+    spec = data.get_spec("cifar100")
+    assert (spec.num_classes, spec.image_shape, spec.builder_name) == (
+        100,
+        (32, 32, 3),
+        "adc_cifar100",
+    )
+    assert data.get_spec("food101").split_name("test") == "validation"
+    with pytest.raises(ValueError, match=r"Unknown dataset 'imagenet'.*cifar100.*fashion_mnist"):
+        data.get_spec("imagenet")
+
+
+def test_not_prepared_error_names_the_command(tmp_path):
+    with pytest.raises(data.DatasetNotPreparedError) as e:
+        data.open_split("cifar100", "train", tmp_path)
+    assert f"python -m adc_jax.data prepare cifar100 --data_dir {tmp_path}" in str(e.value)
+    with pytest.raises(data.DatasetNotPreparedError, match="tfds build food101"):
+        data.load_source("food101", "test", tmp_path)
+    assert not data.is_prepared("cifar10", tmp_path)
+    assert_no_tensorflow()
+
+
+def test_prepare_rejects_sources_of_another_dataset(tmp_path):
+    with pytest.raises(ValueError, match=r"accepts \['tarball'\]"):
+        data.prepare("cifar100", tmp_path, idx_dir="/somewhere")
+
+
+# ---------------------------------------------------------------------------------------------
+# Real Fashion-MNIST and fake CIFAR, prepared without TensorFlow
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_fashion
+def test_fashion_mnist_reads_back_the_idx_files_exactly(fashion_dir):
+    assert data.is_prepared("fashion_mnist", fashion_dir)
+
+    def idx(name):
+        return read_idx(os.path.join(FASHION_DIR, f"{name}-ubyte.gz"))
+
+    # The whole test split through the in-memory path the training loop uses.
+    arrays = data.load_arrays("fashion_mnist", "test", fashion_dir)
+    assert arrays["image"].dtype == np.uint8 and arrays["label"].dtype == np.int32
+    np.testing.assert_array_equal(arrays["image"], idx("t10k-images-idx3")[..., None])
+    np.testing.assert_array_equal(arrays["label"], idx("t10k-labels-idx1"))
+    # Train: all 60 000 there, in the files' order (checked on a sample to keep the test fast).
+    train = data.load_source("fashion_mnist", "train", fashion_dir)
+    assert len(train) == 60_000
+    sample = np.random.default_rng(0).choice(60_000, 500, replace=False)
+    batch = data.RecordSource(train, (28, 28, 1)).get_batch(sample)
+    np.testing.assert_array_equal(batch["image"], idx("train-images-idx3")[sample, ..., None])
+    np.testing.assert_array_equal(batch["label"], idx("train-labels-idx1")[sample])
+    # Already prepared: both are no-ops.
+    assert data.prepare_if_local("fashion_mnist", fashion_dir)
+    data.prepare("fashion_mnist", fashion_dir)
+    assert_no_tensorflow()
+
+
+@needs_fashion
+def test_fashion_mnist_record_source_matches_memory(fashion_dir):
+    records = data.open_split("fashion_mnist", "test", fashion_dir, in_memory=False, num_workers=2)
+    memory = data.open_split("fashion_mnist", "test", fashion_dir)
+    assert isinstance(records, data.RecordSource) and isinstance(memory, data.ArraySource)
+    idx = np.array([9999, 0, 17, 4242, 17])
+    a, b = records.get_batch(idx), memory.get_batch(idx)
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+    assert_no_tensorflow()
+
+
+def test_cifar100_prepares_from_a_tarball_and_reads_back(cifar100):
+    data_dir, expected, out = cifar100
+    assert out.startswith(os.fspath(data_dir)) and data.is_prepared("cifar100", data_dir)
+    for split in ("train", "test"):
+        arrays = data.load_arrays("cifar100", split, data_dir)
+        np.testing.assert_array_equal(arrays["image"], expected[split]["image"])
+        np.testing.assert_array_equal(arrays["label"], expected[split]["label"])
+    source = data.load_source("cifar100", "test", data_dir)
+    assert [int(source[i]["coarse_label"]) for i in range(len(source))] == list(
+        expected["test"]["coarse_label"]
+    )
+    # tfds' own entry point finds the registered builder too.
+    via_tfds = tfds.data_source("adc_cifar100", split="train", data_dir=data_dir, download=False)
+    np.testing.assert_array_equal(via_tfds[5]["image"], expected["train"]["image"][5])
+    assert_no_tensorflow()
+
+
+def test_cifar10_prepares_from_a_tarball(tmp_path):
+    tarball = tmp_path / "cifar-10-python.tar.gz"
+    expected = write_cifar_tarball(tarball, 10, n_train=12, n_test=3, seed=1)
+    data.prepare("cifar10", tmp_path / "tfds", tarball=tarball)
+    arrays = data.load_arrays("cifar10", "train", tmp_path / "tfds")
+    np.testing.assert_array_equal(arrays["image"], expected["train"]["image"])
+    np.testing.assert_array_equal(arrays["label"], expected["train"]["label"])
+    assert_no_tensorflow()
+
+
+def test_command_line(cifar100, tmp_path, capsys):
+    data_dir, _, out = cifar100
+    tarball = tmp_path / "cifar-100-python.tar.gz"
+    write_cifar_tarball(tarball, 100, n_train=2, n_test=1)
+    assert data.main(["prepare", "cifar100", "--data_dir", str(data_dir)]) == 0  # no-op
+    assert capsys.readouterr().out.strip() == out
+    with pytest.raises(SystemExit):
+        data.main(["prepare", "cifar100", "--idx_dir", "/x"])
+    # The module entry point, in a fresh process.
+    result = subprocess.run(
+        [sys.executable, "-m", "adc_jax.data", "list", "--data_dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()}
+    assert lines["cifar100"].endswith(" prepared") and lines["cifar10"].endswith("not prepared")
+
+
+# ---------------------------------------------------------------------------------------------
+# tfds.testing.mock_data through the real reading code
+# ---------------------------------------------------------------------------------------------
+
+
+def test_mock_data_reads_through_the_real_code_path(tmp_path):
+    with tfds.testing.mock_data(num_examples=40):
+        train = data.open_split("cifar100", "train", tmp_path)
+        records = data.open_split("cifar100", "train", tmp_path, in_memory=False, num_workers=2)
+        assert isinstance(train, data.ArraySource) and len(train) == len(records) == 40
+        assert train.images.shape == (40, 32, 32, 3) and train.images.dtype == np.uint8
+        assert train.labels.min() >= 0 and train.labels.max() < 100
+        idx = np.arange(40)[::-1]
+        np.testing.assert_array_equal(records.get_batch(idx)["image"], train.images[idx])
+        batch = next(iter(data.TrainIterator(train, batch_size=16, seed=0, prefetch=0)))
+        assert batch["image"].shape == (16, 32, 32, 3)
+        # The by-name entry point of the training loop.
+        with data.train_batches("cifar100", tmp_path, 16, seed=0, start_step=3) as it:
+            by_name = next(it)
+        expected = data.TrainIterator(train, batch_size=16, seed=0).batch(3)
+        np.testing.assert_array_equal(by_name["image"], expected["image"])
+        # Food-101's stock builder: random-size JPEG-like images resized on the host.
+        food = data.open_split("food101", "test", tmp_path)
+        assert isinstance(food, data.RecordSource)
+        batch = food.get_batch(np.arange(3))
+        assert batch["image"].shape == (3, 224, 224, 3) and batch["image"].dtype == np.uint8
+    assert_no_tensorflow()
+
+
+def test_food101_stock_builder_prepares_without_tensorflow(tmp_path):
+    """The stock tfds food101 builder, fed a tiny fake archive, prepares and reads TF-free."""
+    pytest.importorskip("importlib_resources", reason="tfds 4.9.10 needs it to prepare food101")
+    from PIL import Image
+
+    root = tmp_path / "extracted"
+    (root / "food-101" / "meta").mkdir(parents=True)
+    (root / "food-101" / "images" / "apple_pie").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        pixels = rng.integers(0, 256, (40 + 10 * i, 30 + 7 * i, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "food-101" / "images" / "apple_pie" / f"{i}.jpg")
+    meta = root / "food-101" / "meta"
+    (meta / "train.json").write_text(
+        json.dumps({"apple_pie": [f"apple_pie/{i}" for i in range(3)]})
+    )
+    (meta / "test.json").write_text(json.dumps({"apple_pie": ["apple_pie/3", "apple_pie/4"]}))
+    with mock.patch.object(
+        tfds.download.DownloadManager, "download_and_extract", lambda self, url: str(root)
+    ):
+        data.prepare("food101", tmp_path / "tfds")
+    test = data.open_split("food101", "test", tmp_path / "tfds", num_workers=2)
+    batch = test.get_batch(np.arange(2))
+    assert batch["image"].shape == (2, 224, 224, 3)
+    assert batch["label"].tolist() == [0, 0]  # apple_pie is class 0
+    assert_no_tensorflow()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training order: determinism, epochs, resumption, processes
+# ---------------------------------------------------------------------------------------------
+
+
+def toy_source(n: int = 103) -> data.ArraySource:
+    """Image pixel values and labels encode the example index, so batches can be traced."""
+    images = np.broadcast_to(
+        (np.arange(n) % 256).astype(np.uint8)[:, None, None, None], (n, 2, 2, 1)
+    )
+    return data.ArraySource(np.ascontiguousarray(images), np.arange(n))
+
+
+def take(it, k):
+    return [next(it)["label"] for _ in range(k)]
+
+
+def test_train_order_is_deterministic_and_changes_per_epoch():
+    src = toy_source()
+    a = data.TrainIterator(src, batch_size=10, seed=3)
+    b = data.TrainIterator(src, batch_size=10, seed=3, prefetch=0)
+    other = data.TrainIterator(src, batch_size=10, seed=4, prefetch=0)
+    assert a.steps_per_epoch == 10
+    la, lb = take(a, 20), take(b, 20)
+    for x, y in zip(la, lb, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(np.concatenate(la[:10]), np.concatenate(take(other, 10)))
+    epoch0, epoch1 = np.concatenate(la[:10]), np.concatenate(la[10:])
+    # Each epoch: 100 distinct examples (3 left over, dropped), in a different order.
+    assert len(set(epoch0.tolist())) == 100 and len(set(epoch1.tolist())) == 100
+    assert not np.array_equal(epoch0, epoch1)
+    assert a.step == 20 and a.epoch_and_offset(20) == (2, 0)
+    a.close()
+
+
+def test_resuming_from_a_step_gives_the_same_batches():
+    src = toy_source()
+    with data.TrainIterator(src, batch_size=8, seed=0) as full:
+        reference = take(full, 30)  # crosses two epoch boundaries (12 steps per epoch)
+    with data.TrainIterator(src, batch_size=8, seed=0) as first:
+        head = take(first, 17)
+    with data.TrainIterator(src, batch_size=8, seed=0, start_step=17) as resumed:
+        tail = take(resumed, 13)
+    for x, y in zip(reference, head + tail, strict=True):
+        np.testing.assert_array_equal(x, y)
+    # The images travel with their labels.
+    batch = data.TrainIterator(src, batch_size=8, seed=0, prefetch=0).batch(5)
+    np.testing.assert_array_equal(batch["image"][:, 0, 0, 0], batch["label"] % 256)
+
+
+def test_process_sharding_partitions_each_global_batch():
+    src = toy_source()
+    glob = data.TrainIterator(src, batch_size=12, seed=1, prefetch=0)
+    procs = [
+        data.TrainIterator(src, batch_size=12, seed=1, process_index=p, process_count=4, prefetch=0)
+        for p in range(4)
+    ]
+    for step in (0, 7, 8, 9, 25):
+        parts = [it.batch(step)["label"] for it in procs]
+        assert all(len(p) == 3 for p in parts)
+        np.testing.assert_array_equal(np.concatenate(parts), glob.batch(step)["label"])
+    with pytest.raises(ValueError, match=r"batch size \(10\) must be divisible .* processes \(4\)"):
+        data.TrainIterator(src, batch_size=10, seed=0, process_index=0, process_count=4)
+
+
+def test_prefetch_errors_reach_the_caller():
+    class Broken(data.ArraySource):
+        def get_batch(self, indices):
+            raise RuntimeError("disk on fire")
+
+    src = toy_source()
+    it = data.TrainIterator(Broken(src.images, src.labels), batch_size=4, seed=0)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        next(it)
+    it.close()
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_eval_batches_cover_every_example_once(process_count):
+    src = toy_source(103)
+    seen = []
+    for p in range(process_count):
+        batches = list(
+            data.eval_batches(src, batch_size=16, process_index=p, process_count=process_count)
+        )
+        assert len(batches) == data.num_eval_batches(103, 16) == 7
+        for b in batches:
+            assert b["image"].shape == (16 // process_count, 2, 2, 1)
+            assert b["mask"].dtype == bool and b["label"].dtype == np.int32
+            assert not b["image"][~b["mask"]].any()  # padding is zeros
+            seen.extend(b["label"][b["mask"]].tolist())
+    assert sorted(seen) == list(range(103))
