@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from adc_jax.kmeans import kmeans
 
-# Guards int(r·B) against float error such as 0.7 * 10 = 6.999999999999999.
+# Guards int(r·B) against float error such as 0.29 * 100 = 28.999999999999996.
 _EPS = 1e-9
 
 SPLITS = ("sqrt", "fifth")
