@@ -1,10 +1,15 @@
 """The ADC operator: merge similar samples, keep the most attended tokens (ADC_SPEC §2).
 
-Two public functions:
+Public functions:
 
 * :func:`compression_plan` turns a compression ratio ξ (or explicit ratios, or explicit counts)
   into the static ints ``T`` (clusters) and ``k`` (kept tokens, CLS included).
 * :func:`compress` applies ADC to one batch of client activations.
+* :func:`cluster` and :func:`merge` are its two halves: :func:`cluster` needs only the scores
+  (K-means and token selection), :func:`merge` averages the tokens each sample keeps. A caller that
+  can compute only the kept tokens (the ADC client's last block, see :mod:`adc_jax.vit`) runs
+  :func:`cluster` first and :func:`merge` on ``[B, k, D]``; ``compress`` is exactly
+  ``cluster → gather → merge``.
 
 Neither knows about Flax, training or devices; :func:`compress` accepts an optional named axis so
 that a batch spread over devices is compressed as one global batch.
@@ -236,11 +241,76 @@ def compress(
         raise ValueError(
             f"scores must be [B, N] = {tokens.shape[:2]} to match tokens; got {scores.shape}."
         )
-    if labels is not None and (labels.ndim != 2 or labels.shape[0] != tokens.shape[0]):
-        raise ValueError(
-            f"labels must be [B, C] with B = {tokens.shape[0]}; got shape {labels.shape}."
-        )
-    local_batch, seq_len, _ = tokens.shape
+    _check_labels(labels, tokens.shape[0])
+    clusters = cluster(
+        scores,
+        num_clusters=num_clusters,
+        num_tokens=num_tokens,
+        key=key,
+        max_iters=max_iters,
+        tol=tol,
+        axis_name=axis_name,
+    )
+    # Gathering before merging is exact (both are linear) and touches k, not N, tokens.
+    kept = jnp.take_along_axis(tokens, clusters.positions[:, :, None], axis=1)  # [B, k, D]
+    merged, merged_labels = merge(kept, clusters, labels=labels, axis_name=axis_name)
+    return Compressed(
+        tokens=merged,
+        labels=merged_labels,
+        assignment=clusters.assignment,
+        cluster_size=clusters.cluster_size,
+        token_index=clusters.token_index,
+        centroids=clusters.centroids,
+    )
+
+
+def _check_labels(labels: jax.Array | None, batch: int) -> None:
+    if labels is not None and (labels.ndim != 2 or labels.shape[0] != batch):
+        raise ValueError(f"labels must be [B, C] with B = {batch}; got shape {labels.shape}.")
+
+
+class Clusters(NamedTuple):
+    """What :func:`cluster` returns (a pytree, no gradient).
+
+    Attributes:
+      assignment: ``[B] int32``, the cluster of each sample of the (global) batch.
+      cluster_size: ``[T] int32``, members per cluster; every entry is ``>= 1``.
+      token_index: ``[T, k] int32`` positions kept per cluster; ``token_index[:, 0] == 0`` (CLS).
+      centroids: ``[T, N] float32``, the mean score vector of each cluster.
+      positions: ``[B_local, k] int32``, the positions this caller's samples keep:
+        ``token_index[assignment]`` for its own rows of the batch.
+    """
+
+    assignment: jax.Array
+    cluster_size: jax.Array
+    token_index: jax.Array
+    centroids: jax.Array
+    positions: jax.Array
+
+
+def cluster(
+    scores: jax.Array,
+    *,
+    num_clusters: int,
+    num_tokens: int,
+    key: jax.Array,
+    max_iters: int = 50,
+    tol: float = 1e-4,
+    axis_name: str | None = None,
+) -> Clusters:
+    """Steps 1 and 3 of :func:`compress` (K-means on the scores, token selection), no tokens.
+
+    Args:
+      scores: ``[B, N]`` score vectors (this device's rows when ``axis_name`` is set); wrapped in
+        ``stop_gradient``.
+      num_clusters, num_tokens, key, max_iters, tol, axis_name: as in :func:`compress`.
+
+    Returns:
+      :class:`Clusters`, identical on every device of ``axis_name`` except ``positions``.
+    """
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be [B, N]; got shape {scores.shape}.")
+    local_batch, seq_len = scores.shape
 
     # ---- Gather the global batch of scores (no-op on one device) -------------------------
     all_scores = jax.lax.stop_gradient(scores)
@@ -248,36 +318,67 @@ def compress(
         all_scores = jax.lax.all_gather(all_scores, axis_name, tiled=True)
     check_sizes(all_scores.shape[0], seq_len, num_clusters, num_tokens)
 
-    # ---- 1. K-means on the score vectors ----------------------------------------------------
+    # ---- 1. K-means on the score vectors, 3. the tokens each centroid ranks highest ----------
     result = kmeans(all_scores, num_clusters, key, max_iters=max_iters, tol=tol)
     token_index = select_tokens(result.centroids, num_tokens)
+    local = _local_rows(result.assignment, local_batch, axis_name)
+    return Clusters(
+        assignment=result.assignment,
+        cluster_size=result.cluster_size,
+        token_index=token_index,
+        centroids=result.centroids,
+        positions=token_index[local],
+    )
 
-    # ---- 2+3. Select each sample's kept tokens, then average within clusters ---------------
-    assignment = result.assignment
-    if axis_name is not None:
-        start = jax.lax.axis_index(axis_name) * local_batch
-        assignment = jax.lax.dynamic_slice_in_dim(assignment, start, local_batch)
-    # Gathering before merging is exact (both are linear) and touches k, not N, tokens.
-    kept = jnp.take_along_axis(tokens, token_index[assignment][:, :, None], axis=1)  # [B, k, D]
+
+def _local_rows(assignment: jax.Array, local_batch: int, axis_name: str | None) -> jax.Array:
+    """This device's slice of the global ``assignment``."""
+    if axis_name is None:
+        return assignment
+    start = jax.lax.axis_index(axis_name) * local_batch
+    return jax.lax.dynamic_slice_in_dim(assignment, start, local_batch)
+
+
+def merge(
+    kept: jax.Array,
+    clusters: Clusters,
+    *,
+    labels: jax.Array | None = None,
+    axis_name: str | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Step 2 of :func:`compress` on tokens already selected: per-cluster means.
+
+    Args:
+      kept: ``[B, k, D]``, each sample's tokens at ``clusters.positions`` (in that order).
+      clusters: from :func:`cluster` on the same batch (and the same ``axis_name``).
+      labels: optional ``[B, C]`` one-hot or probability rows.
+      axis_name: as in :func:`compress`.
+
+    Returns:
+      ``(tokens [T, k, D] in kept's dtype, labels [T, C] float32 or None)``, as the ``tokens`` and
+      ``labels`` of :func:`compress`, with the same gradient (each member gets ``1/|S_t|`` of its
+      cluster's cotangent; summed over devices under ``axis_name``).
+    """
+    if kept.ndim != 3 or kept.shape[:2] != clusters.positions.shape:
+        raise ValueError(
+            f"kept must be [B, k, D] with [B, k] = {clusters.positions.shape} "
+            f"(clusters.positions); got shape {kept.shape}."
+        )
+    _check_labels(labels, kept.shape[0])
+    num_clusters = clusters.cluster_size.shape[0]
+    assignment = _local_rows(clusters.assignment, kept.shape[0], axis_name)
     members = jax.nn.one_hot(assignment, num_clusters, dtype=jnp.float32).T  # [T, B]
 
-    def merge(x, spec):
+    def mean(x, spec):
         # At least float32; float64 inputs (under x64) keep float64 precision.
         dtype = jnp.promote_types(x.dtype, jnp.float32)
-        weights = members.astype(dtype) / result.cluster_size[:, None].astype(dtype)
+        weights = members.astype(dtype) / clusters.cluster_size[:, None].astype(dtype)
         # HIGHEST: a mean, not a feature map; TPUs would otherwise round the weights to bf16.
         out = jnp.einsum(spec, weights, x, preferred_element_type=dtype, precision="highest")
         if axis_name is not None:
             out = _global_sum(out, axis_name)
         return out
 
-    merged = merge(kept, "tb,bkd->tkd").astype(tokens.dtype)
-    merged_labels = None if labels is None else merge(labels, "tb,bc->tc")
-    return Compressed(
-        tokens=merged,
-        labels=merged_labels,
-        assignment=result.assignment,
-        cluster_size=result.cluster_size,
-        token_index=token_index,
-        centroids=result.centroids,
-    )
+    merged = mean(kept, "tb,bkd->tkd").astype(kept.dtype)
+    merged_labels = None if labels is None else mean(labels, "tb,bc->tc")
+    return merged, merged_labels

@@ -63,7 +63,8 @@ class TrainState(NamedTuple):
 class Protocol:
     """The static description of one split-learning setup.
 
-    ``client_apply(params, images) -> (tokens [B, N, D], scores [B, N])`` and
+    ``client_apply(params, images) -> (tokens [B, N, D], scores [B, N])`` (with ``select=``:
+    ``(tokens [B, k, D], scores, aux)``, see :class:`adc_jax.vit.Client`) and
     ``server_apply(params, tokens [M, n, D]) -> logits [M, C]`` are the two halves of the model;
     ``preprocess(images, key)`` and ``eval_preprocess(images)`` turn a stored batch into model
     inputs on the device (identity when ``None``).
@@ -81,6 +82,9 @@ class Protocol:
     eval_preprocess: Callable | None = None
     axis_name: str | None = None  # set by pmap_programs
     per_client: bool = False
+    # Let a method with a selector (ADC) have the client compute only the tokens it keeps; then
+    # client_apply must accept ``select=`` (as SplitViT.apply_client does). Same result either way.
+    select_in_client: bool = True
 
     @property
     def method_axis(self) -> str | None:
@@ -132,9 +136,21 @@ def client_forward(protocol: Protocol, state: TrainState, batch: dict[str, jax.A
             aug_key = jax.random.fold_in(aug_key, jax.lax.axis_index(protocol.axis_name))
         images = protocol.preprocess(images, aug_key)
     method, axis = protocol.method, protocol.method_axis
+    if protocol.per_client and protocol.axis_name is not None:  # independent clients draw apart
+        encode_key = jax.random.fold_in(encode_key, jax.lax.axis_index(protocol.axis_name))
 
     def forward(params):
-        tokens, scores = protocol.client_apply(params["model"], images)
+        select = None
+        if protocol.select_in_client:
+            select = method.selector(
+                params["method"], state.method_state, encode_key, axis_name=axis
+            )
+        if select is None:
+            tokens, scores = protocol.client_apply(params["model"], images)
+            selected = {}
+        else:  # the client computes only the tokens the encoder keeps (see Method.selector)
+            tokens, scores, aux = protocol.client_apply(params["model"], images, select=select)
+            selected = {"selection": aux}
         payload = method.encode(
             params["method"],
             state.method_state,
@@ -144,6 +160,7 @@ def client_forward(protocol: Protocol, state: TrainState, batch: dict[str, jax.A
             encode_key,
             num_classes=protocol.num_classes,
             axis_name=axis,
+            **selected,
         )
         sent = link(
             payload.activations,

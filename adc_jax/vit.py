@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -248,11 +249,21 @@ class PatchEmbed(nn.Module):
         return x + bias.astype(self.dtype)
 
 
+Selector = Callable[[jax.Array], tuple[jax.Array, Any]]
+"""``select(scores [B, N] float32) -> (positions [B, k] int32, aux)``: which query positions of the
+last client block to compute (see :class:`Client`); ``aux`` is passed through untouched."""
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with timm's fused ``qkv`` layout.
 
     Input ``[B, N, D]``. Returns ``(out [B, N, D], cls_attention [B, N] float32 or None)``, where
     ``cls_attention`` is row 0 (the CLS query) of the post-softmax attention, averaged over heads.
+
+    With ``select``: the CLS row is computed first, ``positions, aux = select(cls_attention)``
+    (no gradient), and only the query rows at ``positions [B, k]`` are computed. Returns
+    ``(out [B, k, D], cls_attention [B, N], (positions, aux))``; ``out[b, j]`` equals the full
+    output at ``positions[b, j]`` (keys and values still come from all N tokens).
     """
 
     num_heads: int
@@ -260,8 +271,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, return_cls_attention: bool = False
-    ) -> tuple[jax.Array, jax.Array | None]:
+        self, x: jax.Array, return_cls_attention: bool = False, select: Selector | None = None
+    ) -> tuple:
         b, n, d = x.shape
         h = self.num_heads
         hd = d // h
@@ -269,14 +280,31 @@ class Attention(nn.Module):
         # columns are timm's attn.qkv rows: [q (head 0..H-1), k (…), v (…)], each head hd wide.
         qkv = _dense(3 * d, "qkv", self.dtype)(x).reshape(b, n, 3, h, hd)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, hd]
-        # Logits and softmax in float32 whatever the compute dtype: bfloat16 softmax over ~200 keys
-        # loses the small entries that ADC ranks tokens by.
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax(logits * (hd**-0.5), axis=-1)  # [B, H, N, N]
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v).reshape(b, n, d)
-        out = _dense(d, "proj", self.dtype)(out)
+        selection = None
+        if select is not None:
+            # The CLS row alone gives the scores; the selector then names the rows still needed.
+            cls_probs = _softmax_rows(q[:, :1], k, hd)  # [B, H, 1, N]
+            cls_attention = jax.lax.stop_gradient(cls_probs[:, :, 0, :].mean(axis=1))
+            positions, aux = select(cls_attention)
+            selection = (positions, aux)
+            q = jnp.take_along_axis(q, positions[:, :, None, None], axis=1)  # [B, k, H, hd]
+        probs = _softmax_rows(q, k, hd)  # [B, H, n_q, N]
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+        out = _dense(d, "proj", self.dtype)(out.reshape(b, q.shape[1], d))
+        if selection is not None:
+            return out, cls_attention, selection
         cls_attention = probs[:, :, 0, :].mean(axis=1) if return_cls_attention else None
         return out, cls_attention
+
+
+def _softmax_rows(q: jax.Array, k: jax.Array, head_dim: int) -> jax.Array:
+    """Per-head ``softmax(q kᵀ/√d)``: ``q [B, n, H, hd]``, ``k [B, N, H, hd]`` → ``[B, H, n, N]``.
+
+    Logits and softmax in float32 whatever the compute dtype: bfloat16 softmax over ~200 keys
+    loses the small entries that ADC ranks tokens by.
+    """
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    return jax.nn.softmax(logits * (head_dim**-0.5), axis=-1)
 
 
 class Mlp(nn.Module):
@@ -297,7 +325,9 @@ class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``.
 
     Input ``[B, N, D]`` (any N). Returns ``(x [B, N, D] in dtype, cls_attention [B, N] float32 or
-    None)``; see :class:`Attention`.
+    None)``; see :class:`Attention`. With ``select``, only the selected positions go through the
+    residual, the attention output, ``proj`` and the MLP: returns ``(x [B, k, D], cls_attention
+    [B, N], aux)`` with ``x[b, j]`` the full output at ``positions[b, j]``.
     """
 
     num_heads: int
@@ -306,14 +336,19 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, return_cls_attention: bool = False
-    ) -> tuple[jax.Array, jax.Array | None]:
-        y, cls_attention = Attention(self.num_heads, self.dtype, name="attn")(
-            _layer_norm("norm1", self.dtype)(x), return_cls_attention
-        )
+        self, x: jax.Array, return_cls_attention: bool = False, select: Selector | None = None
+    ) -> tuple:
+        attn = Attention(self.num_heads, self.dtype, name="attn")
+        out = attn(_layer_norm("norm1", self.dtype)(x), return_cls_attention, select)
+        aux = None
+        if select is not None:
+            y, cls_attention, (positions, aux) = out
+            x = jnp.take_along_axis(x, positions[:, :, None], axis=1)  # [B, k, D]
+        else:
+            y, cls_attention = out
         x = x + y
         x = x + Mlp(self.mlp_dim, self.dtype, name="mlp")(_layer_norm("norm2", self.dtype)(x))
-        return x, cls_attention
+        return (x, cls_attention) if select is None else (x, cls_attention, aux)
 
 
 def _check_split(config: ViTConfig, split_index: int) -> None:
@@ -337,6 +372,14 @@ class Client(nn.Module):
     scores [B, N] float32)``: ``scores`` is the CLS query row of the last client block's softmax
     attention averaged over heads (each row sums to 1; CLS→CLS included). It is wrapped in
     ``stop_gradient``: ADC only ranks and clusters with it (ADC_SPEC §2.1).
+
+    ``__call__(images, select)`` with a :data:`Selector` computes only what is used downstream
+    when each sample keeps ``k`` of its ``N`` output tokens chosen from the scores (ADC): the last
+    block computes q/k/v for all tokens and the CLS attention row, calls ``select(scores) ->
+    (positions [B, k], aux)``, then computes attention, ``proj``, residual and MLP only at those
+    positions (about ``1 − k/N`` of the block, forward and backward). Returns ``(tokens [B, k, D],
+    scores [B, N], aux)`` with ``tokens[b, j]`` equal (to float rounding) to the full output at
+    ``positions[b, j]``, gradients included.
     """
 
     config: ViTConfig
@@ -344,7 +387,7 @@ class Client(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, images: jax.Array, select: Selector | None = None) -> tuple:
         cfg = self.config
         _check_split(cfg, self.split_index)
         expected = (cfg.image_size, cfg.image_size, cfg.in_chans)
@@ -359,13 +402,16 @@ class Client(nn.Module):
         # DeiT v1: prepend CLS, then add the N-entry position embedding (CLS has a position too).
         cls = jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, cfg.width))
         x = jnp.concatenate([cls, x], axis=1) + pos.astype(self.dtype)
-        scores = None
+        scores = aux = None
         for i in range(self.split_index):
             last = i == self.split_index - 1
-            x, scores = Block(cfg.num_heads, cfg.mlp_dim, self.dtype, name=f"blocks_{i}")(
-                x, return_cls_attention=last
-            )
-        return x, jax.lax.stop_gradient(scores)
+            block = Block(cfg.num_heads, cfg.mlp_dim, self.dtype, name=f"blocks_{i}")
+            if last and select is not None:
+                x, scores, aux = block(x, return_cls_attention=True, select=select)
+            else:
+                x, scores = block(x, return_cls_attention=last)
+        scores = jax.lax.stop_gradient(scores)
+        return (x, scores) if select is None else (x, scores, aux)
 
 
 class Server(nn.Module):
@@ -454,9 +500,14 @@ class SplitViT:
         init_client, init_server = _init_fns(self.config, self.split_index)
         return {"client": init_client(client_key), "server": init_server(server_key)}
 
-    def apply_client(self, client_params: Params, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``images [B, H, W, C] → (tokens [B, N, D], scores [B, N] float32)``."""
-        return self.client.apply({"params": client_params}, images)
+    def apply_client(
+        self, client_params: Params, images: jax.Array, select: Selector | None = None
+    ) -> tuple:
+        """``images [B, H, W, C] → (tokens [B, N, D], scores [B, N] float32)``.
+
+        With ``select`` (see :class:`Client`): ``(tokens [B, k, D], scores [B, N], aux)``.
+        """
+        return self.client.apply({"params": client_params}, images, select)
 
     def apply_server(self, server_params: Params, tokens: jax.Array) -> jax.Array:
         """``tokens [B, n, D] → logits [B, num_classes] float32``."""

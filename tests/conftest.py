@@ -9,6 +9,17 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+
+# Compilation dominates test time on a CPU. Several tests (a run and its resumption, the same
+# model under several methods) compile identical programs: a session-wide persistent cache makes
+# the repeats cheap. A fresh directory per session, so nothing stale is ever read.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="adc_jax_xla_cache_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
 
 import pytest  # noqa: E402
 

@@ -8,7 +8,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from adc_jax.compress import CompressionPlan, compress, compression_plan
+from adc_jax.compress import CompressionPlan, cluster, compress, compression_plan, merge
 from adc_jax.methods.core import CutShape, Method, Payload
 
 
@@ -54,22 +54,63 @@ class ADC(Method):
     def validate(self, cut: CutShape) -> None:
         self.plan(cut.batch_size, cut.seq_len)
 
-    def encode(self, params, state, tokens, scores, labels, key, *, num_classes, axis_name=None):
+    def selector(self, params, state, key, *, axis_name=None):
+        """K-means and token selection from the scores alone (:func:`adc_jax.compress.cluster`).
+
+        The client's last block then computes only each sample's ``k`` kept tokens and
+        :meth:`encode` merges them; same payload, same gradients as the full path.
+        """
+        del params, state
+
+        def select(scores):
+            plan = self.plan(scores.shape[0] * axis_size(axis_name), scores.shape[1])
+            clusters = cluster(
+                scores,
+                num_clusters=plan.num_clusters,
+                num_tokens=plan.num_tokens,
+                key=key,
+                max_iters=self.max_iters,
+                tol=self.tol,
+                axis_name=axis_name,
+            )
+            return clusters.positions, clusters
+
+        return select
+
+    def encode(
+        self,
+        params,
+        state,
+        tokens,
+        scores,
+        labels,
+        key,
+        *,
+        num_classes,
+        axis_name=None,
+        selection=None,
+    ):
+        """``tokens [B, N, D]``, or ``[B, k, D]`` kept tokens with ``selection`` (the
+        :class:`~adc_jax.compress.Clusters` of :meth:`selector`)."""
         del params, state
         devices = axis_size(axis_name)
-        plan = self.plan(tokens.shape[0] * devices, tokens.shape[1])
-        out = compress(
-            tokens,
-            scores,
-            num_clusters=plan.num_clusters,
-            num_tokens=plan.num_tokens,
-            key=key,
-            labels=jax.nn.one_hot(labels, num_classes, dtype=jnp.float32),
-            max_iters=self.max_iters,
-            tol=self.tol,
-            axis_name=axis_name,
-        )
-        merged, soft_labels = out.tokens, out.labels
+        plan = self.plan(scores.shape[0] * devices, scores.shape[1])
+        one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+        if selection is None:
+            out = compress(
+                tokens,
+                scores,
+                num_clusters=plan.num_clusters,
+                num_tokens=plan.num_tokens,
+                key=key,
+                labels=one_hot,
+                max_iters=self.max_iters,
+                tol=self.tol,
+                axis_name=axis_name,
+            )
+            merged, soft_labels = out.tokens, out.labels
+        else:
+            merged, soft_labels = merge(tokens, selection, labels=one_hot, axis_name=axis_name)
         if devices > 1 and plan.num_clusters % devices == 0:
             # Every device holds all T merged samples; each serves its own T/n of them. The
             # gradient of the slice flows back through compress's psum to every member.

@@ -100,6 +100,9 @@ class C3SL(Method):
             )
         self._check_batch(cut.batch_size)
 
+    def validate_device_batch(self, batch_size: int) -> None:
+        self._check_batch(batch_size, " per device")
+
     def _check_batch(self, batch_size: int, where: str = "") -> None:
         if batch_size % self.ratio:
             raise ValueError(

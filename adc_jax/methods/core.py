@@ -12,6 +12,9 @@ A method decides what the client sends across the cut and how the server reads i
   shapes and dtypes and the link's channel.
 * ``xi_paper`` is the paper-compatible compression ratio, and ``active_at_eval`` says whether the
   method stays on at evaluation (only BottleNet++, whose autoencoder is part of the model).
+* ``selector`` (optional, default none) lets a method that keeps only some tokens per sample,
+  chosen from the scores (ADC), have the client compute only those in its last block; ``encode``
+  then receives the kept tokens and ``selection=``.
 
 Methods are frozen dataclasses (hashable, so they can be static arguments of ``jit``); learned
 parameters live in ``init``'s ``{"client": ..., "server": ...}`` tree and fixed state (such as
@@ -21,6 +24,7 @@ C3-SL's keys) in its ``state``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
 import jax
@@ -70,6 +74,12 @@ class Method:
     def validate(self, cut: CutShape) -> None:
         """Raises ValueError when this method cannot run on ``cut``."""
 
+    def validate_device_batch(self, batch_size: int) -> None:
+        """Raises ValueError when one device's share of the batch cannot be encoded.
+
+        For methods that group samples on each device (C3-SL) when one client spans devices.
+        """
+
     # ---- The two sides of the cut ---------------------------------------------------------------
 
     def encode(
@@ -91,6 +101,21 @@ class Method:
         """
         del params, state, scores, key, axis_name
         return Payload(tokens, labels.astype(label_dtype(num_classes)), {})
+
+    def selector(
+        self, params: Any, state: Any, key: jax.Array, *, axis_name: str | None = None
+    ) -> Callable[[jax.Array], tuple[jax.Array, Any]] | None:
+        """Optional hook: ``None`` (the default) or ``select(scores [B, N]) -> (positions, aux)``.
+
+        A method whose encoder only ever uses ``k`` of each sample's ``N`` output tokens, chosen
+        from the scores alone, returns a selector; ``positions [B, k] int32`` are those tokens.
+        The client then computes its last block only at those positions
+        (:class:`adc_jax.vit.Client`), and :meth:`encode` is called with ``tokens [B, k, D]``
+        (the outputs at ``positions``) and ``selection=aux``; it must give the payload that the
+        full tokens would give. ``key`` and ``axis_name`` are the ones :meth:`encode` gets.
+        """
+        del params, state, key, axis_name
+        return None
 
     def decode(self, params: Any, state: Any, payload: Payload) -> jax.Array:
         """Server side: tokens ``[M, n, D]`` for the server blocks."""

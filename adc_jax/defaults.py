@@ -1,0 +1,90 @@
+"""The fields every experiment config has, with their defaults and meaning.
+
+Experiment files under ``configs/`` start from :func:`default_config` and change what differs, so
+a locked config always has every field and a misspelt ``--config.x=...`` override fails loudly.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def channel_config(kind: str = "identity") -> ml_collections.ConfigDict:
+    """One direction of the link (see :class:`adc_jax.link.Channel`)."""
+    return ml_collections.ConfigDict(
+        {
+            "kind": kind,  # identity | bfloat16 | int8 | quantize | awgn
+            "bits": 8,  # quantize: bits per value
+            "snr_min_db": 10.0,  # awgn: SNR drawn uniformly in [min, max] dB per transmission
+            "snr_max_db": 10.0,
+        }
+    )
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "vit_mini_patch4_28"  # a name from adc_jax.vit.MODELS
+    c.model.split_index = 2  # l: the client holds blocks 1..l
+    # '' trains from scratch; else a local .safetensors path or a hub id such as
+    # 'timm/deit_tiny_patch16_224.fb_in1k' (the head is replaced for the dataset's classes).
+    c.model.pretrained = ""
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+
+    c.dataset = ml_collections.ConfigDict()
+    c.dataset.name = "fashion_mnist"  # fashion_mnist | cifar10 | cifar100 | food101
+    c.dataset.data_dir = ""  # tfds data_dir; '' = tfds' default (~/tensorflow_datasets)
+    c.dataset.source_dir = ""  # raw files to prepare from ('' = the dataset's default place)
+    c.dataset.augment = False  # RandAugment(2, 9) + ColorJitter(0.4, 0.4, 0.4) + flip (paper)
+
+    c.method = ml_collections.ConfigDict()
+    # base | adc | c3sl | bottlenet | topk | randtopk | quantize | fedlite
+    c.method.name = "adc"
+    # Method options; each method reads the fields that match its own (adc_jax.methods).
+    c.method.xi = 0.25  # adc: compression ratio T·k/(B·N)
+    c.method.split = "sqrt"  # adc: sqrt (T/B = k/N = √ξ) | fifth (T/B = ξ^(1/5), k/N = ξ^(4/5))
+    c.method.max_iters = 50  # adc / fedlite: Lloyd iterations at most
+    c.method.ratio = 4  # c3sl: R samples superposed into one
+    c.method.key_kind = "unitary"  # c3sl: unitary (exact inverse at R = 1) | gaussian (reference)
+    c.method.compression = 0.25  # bottlenet: D'/D
+    c.method.relu_output = False  # bottlenet: paper-faithful final ReLU on the decoder
+    c.method.rate = 0.1  # topk / randtopk: fraction r of the N·D values kept per sample
+    c.method.alpha = 0.1  # randtopk: probability mass on the non-top entries
+    c.method.bits = 8  # quantize: bits per value
+    c.method.num_subvectors = 64  # fedlite: q sub-vectors per flattened activation
+    c.method.num_centroids = 16  # fedlite: L centroids per group
+    c.method.num_groups = 1  # fedlite: R groups of sub-vector positions
+    c.method.correction = 5e-5  # fedlite: λ of the gradient correction λ(x − x̃)
+
+    c.link = ml_collections.ConfigDict()
+    c.link.uplink = channel_config()
+    c.link.downlink = channel_config()
+
+    c.batch_size = 128  # global batch; must divide among the devices (and by c3sl's R)
+    c.seed = 0
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 1e-3  # Adam, no weight decay, no schedule (paper)
+    c.optimizer.eps = 1e-8
+
+    c.budget = ml_collections.ConfigDict()
+    # Paper protocol: stop when the sample-equivalents (ξ·B per step) would exceed this many
+    # epochs of uncompressed training.
+    c.budget.base_epochs = 2.0
+    c.budget.bytes = 0  # > 0: stop at this many bytes (uplink + downlink) instead
+    c.budget.steps = 0  # > 0: exactly this many steps instead
+    c.budget.max_steps = 0  # > 0: a hard cap on top of the budget (quick runs)
+
+    c.log_every_steps = 50
+    c.eval_every_steps = 0  # 0 = every epoch-equivalent of the budget (and always at the end)
+    c.checkpoint_every_steps = 500  # also at the end; a restarted run resumes from the last
+    c.eval_batch_size = 500
+
+    c.devices = ml_collections.ConfigDict()
+    c.devices.count = 0  # local devices to use; 0 = all
+    c.devices.per_client = False  # True: every device is a client that compresses its own batch
+    c.fused_step = False  # one program per step instead of the three-message protocol
+    c.distributed = False  # call jax.distributed.initialize() (multi-host TPU/GPU)
+    c.progress = True  # a progress bar on stderr
+    return c
