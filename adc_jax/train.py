@@ -93,6 +93,8 @@ def channel_from_config(cfg: ml_collections.ConfigDict) -> Channel:
 
 def select_devices(config: ml_collections.ConfigDict) -> list[jax.Device]:
     devices = jax.local_devices()
+    if jax.process_count() > 1 and config.devices.count:
+        raise ValueError("devices.count must be 0 (all devices) when several processes run.")
     count = config.devices.count or len(devices)
     if count > len(devices):
         raise ValueError(f"devices.count ({count}) exceeds the local devices ({len(devices)}).")
@@ -151,7 +153,7 @@ class Experiment:
 def setup(config: ml_collections.ConfigDict) -> Experiment:
     """Validates the config and builds model, method, protocol, programs and the schedule."""
     if config.distributed:
-        jax.distributed.initialize()
+        initialize_distributed()
     info = data_lib.dataset_info(config.dataset.name)
     test_source = open_data(config, "test")
     method = method_from_config(config.method)
@@ -206,7 +208,8 @@ def setup(config: ml_collections.ConfigDict) -> Experiment:
         info=info,
         model=model,
         protocol=protocol,
-        programs=split.pmap_programs(protocol, devices),
+        # Several processes: map over every device of every process (each feeds its own).
+        programs=split.pmap_programs(protocol, devices if jax.process_count() == 1 else None),
         devices=devices,
         cost=cost,
         schedule=schedule,
@@ -225,6 +228,23 @@ def open_data(config: ml_collections.ConfigDict, split_name: str):
         data_lib.prepare(name, data_dir, **{spec.source_args[0]: config.dataset.source_dir})
     data_lib.prepare_if_local(name, data_dir)
     return data_lib.open_split(name, split_name, data_dir)
+
+
+def initialize_distributed() -> None:
+    """``jax.distributed.initialize()``, from the cluster's environment (TPU pods, SLURM, …).
+
+    Without a cluster manager (e.g. several processes on one machine), set
+    ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``ADC_NUM_PROCESSES`` and
+    ``ADC_PROCESS_ID``. CPU processes exchange collectives through gloo.
+    """
+    if jax.distributed.is_initialized():
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {}
+    if "ADC_NUM_PROCESSES" in os.environ:
+        kwargs["num_processes"] = int(os.environ["ADC_NUM_PROCESSES"])
+        kwargs["process_id"] = int(os.environ["ADC_PROCESS_ID"])
+    jax.distributed.initialize(**kwargs)
 
 
 def default_workdir(config_path: str, config: ml_collections.ConfigDict) -> str:
