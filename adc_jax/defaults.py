@@ -79,7 +79,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     c.eval_every_steps = 0  # 0 = every epoch-equivalent of the budget (and always at the end)
     c.checkpoint_every_steps = 500  # also at the end; a restarted run resumes from the last
-    c.eval_batch_size = 500
+    c.eval_batch_size = 512  # divides among 1, 2, 4, 8, … devices; the last batch is padded
 
     c.devices = ml_collections.ConfigDict()
     c.devices.count = 0  # local devices to use; 0 = all
@@ -87,4 +87,37 @@ def default_config() -> ml_collections.ConfigDict:
     c.fused_step = False  # one program per step instead of the three-message protocol
     c.distributed = False  # call jax.distributed.initialize() (multi-host TPU/GPU)
     c.progress = True  # a progress bar on stderr
+    return c
+
+
+def paper_config(model: str, dataset: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """The paper's protocol (ADC_SPEC §4) for a timm DeiT on a dataset.
+
+    ImageNet-pretrained weights with a new head, split after block 3, batch 128, Adam 1e-4,
+    RandAugment + ColorJitter + resize + flip, a budget of 10 Base epochs, ADC at ξ = 0.1.
+    ``arg="runlocal"`` keeps the code path but swaps in the tiny test ViT and a few steps.
+    """
+    c = default_config()
+    c.model.name = model
+    c.model.pretrained = f"timm/{model}.fb_in1k"
+    c.model.split_index = 3
+    c.dataset.name = dataset
+    c.dataset.augment = True
+    c.method.name = "adc"
+    c.method.xi = 0.1
+    c.batch_size = 128
+    c.optimizer.learning_rate = 1e-4
+    c.budget.base_epochs = 10.0
+    c.log_every_steps = 100
+    c.checkpoint_every_steps = 1000
+    if arg == "runlocal":
+        c.model.name = "vit_test_patch4_16"
+        c.model.pretrained = ""
+        c.model.split_index = 2
+        c.batch_size = 16
+        c.eval_batch_size = 16
+        c.budget.max_steps = 4
+        c.log_every_steps = 2
+    elif arg:
+        raise ValueError(f"Unknown config argument {arg!r}; expected 'runlocal' or none.")
     return c

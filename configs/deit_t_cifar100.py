@@ -15,29 +15,8 @@ Not yet reproduced by this project (it needs an accelerator: hours on one GPU/TP
 `:runlocal` swaps in a tiny model and a few steps to check the code path on a CPU.
 """
 
-from adc_jax.defaults import default_config
+from adc_jax.defaults import paper_config
 
 
 def get_config(arg=None):
-    c = default_config()
-    c.model.name = "deit_tiny_patch16_224"
-    c.model.pretrained = "timm/deit_tiny_patch16_224.fb_in1k"
-    c.model.split_index = 3
-    c.dataset.name = "cifar100"
-    c.dataset.augment = True
-    c.method.name = "adc"
-    c.method.xi = 0.1
-    c.batch_size = 128
-    c.optimizer.learning_rate = 1e-4
-    c.budget.base_epochs = 10.0
-    c.log_every_steps = 100
-    c.checkpoint_every_steps = 1000
-    if arg == "runlocal":
-        c.model.name = "vit_test_patch4_16"
-        c.model.pretrained = ""
-        c.model.split_index = 2
-        c.batch_size = 16
-        c.eval_batch_size = 16
-        c.budget.max_steps = 4
-        c.log_every_steps = 2
-    return c
+    return paper_config("deit_tiny_patch16_224", "cifar100", arg)
