@@ -1,0 +1,268 @@
+"""The sweep runner and its plots: ξ → knob mapping, the grid, skip/resume, figures and tables."""
+
+import csv
+import json
+import math
+import os
+
+import pytest
+
+from adc_jax import plots, sweep
+from adc_jax.methods import CutShape
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FASHION_CONFIG = os.path.join(ROOT, "configs", "vit_fashion_mnist.py")
+# vit_mini_patch4_28 at batch 128: B·N·D = 128·50·64 = 409 600, ⌈log₂⌉ = 19 index bits.
+CUT = CutShape(batch_size=128, seq_len=50, width=64, num_classes=10)
+
+
+# ---- ξ → knob (pure functions, no training) -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "xi,batch,ratio",
+    [(0.5, 128, 2), (0.25, 128, 4), (0.1, 128, 8), (0.3, 128, 4), (0.01, 128, 128), (0.1, 100, 10)],
+)
+def test_c3sl_ratio_is_the_divisor_closest_to_one_over_xi(xi, batch, ratio):
+    assert sweep.c3sl_ratio(xi, batch) == ratio
+    assert batch % ratio == 0
+
+
+@pytest.mark.parametrize("method", ["topk", "randtopk"])
+@pytest.mark.parametrize("xi", [0.05, 0.1, 0.25, 0.5])
+def test_topk_rate_hits_the_paper_xi_exactly(method, xi):
+    knobs = sweep.method_knobs(method, xi, CUT)
+    assert knobs["rate"] == pytest.approx(xi / (1 + 19 / 64))
+    assert sweep._paper_xi(method, knobs, CUT) == pytest.approx(xi)
+
+
+@pytest.mark.parametrize("xi,bits", [(0.1, 3), (0.25, 8), (0.5, 16), (0.01, 1), (1.0, 16)])
+def test_quantize_bits(xi, bits):
+    assert sweep.method_knobs("quantize", xi, CUT) == {"bits": bits}
+
+
+def test_knobs_and_the_paper_xi_they_achieve():
+    assert sweep.method_knobs("adc", 0.1, CUT) == {"xi": 0.1}
+    assert sweep.method_knobs("base", 0.1, CUT) == {}
+    assert sweep.method_knobs("bottlenet", 0.1, CUT) == {"compression": 0.1}
+    # D′ = round(0.1·64) = 6: BottleNet++ reaches 6/64, C3-SL 1/8 (R must divide B).
+    assert sweep._paper_xi("bottlenet", {"compression": 0.1}, CUT) == pytest.approx(6 / 64)
+    assert sweep._paper_xi("c3sl", sweep.method_knobs("c3sl", 0.1, CUT), CUT) == 0.125
+    assert sweep._paper_xi("quantize", {"bits": 3}, CUT) == pytest.approx(3 / 32)
+
+
+def test_fedlite_only_above_one_half():
+    knobs = sweep.method_knobs("fedlite", 0.5, CUT)
+    assert 16 <= knobs["num_centroids"] <= 256 and 8 <= 50 * 64 // knobs["num_subvectors"] <= 64
+    assert sweep._paper_xi("fedlite", knobs, CUT) == pytest.approx(0.5, abs=0.01)
+    with pytest.raises(sweep.Unreachable, match="dense gradient"):
+        sweep.method_knobs("fedlite", 0.25, CUT)
+
+
+def test_bad_targets_fail_clearly():
+    with pytest.raises(ValueError, match="Unknown method 'zip'"):
+        sweep.method_knobs("zip", 0.1, CUT)
+    with pytest.raises(ValueError, match=r"must be in \(0, 1\]"):
+        sweep.method_knobs("adc", 1.5, CUT)
+
+
+def test_grid_order_names_and_left_out_cells():
+    config = sweep.load_config(FASHION_CONFIG)
+    runs, skipped = sweep.plan_grid(
+        config, ["base", "topk", "adc", "fedlite"], [0.1, 0.5], seeds=[0, 1]
+    )
+    names = [r.name for r in runs]
+    assert names[:2] == ["base-xi1-s0", "base-xi1-s1"]  # Base once per seed, whatever the grid
+    assert names[2:6] == ["adc-xi0.5-s0", "adc-xi0.5-s1", "adc-xi0.1-s0", "adc-xi0.1-s1"]
+    assert names[6:] == [
+        "topk-xi0.5-s0",
+        "topk-xi0.5-s1",
+        "fedlite-xi0.5-s0",
+        "fedlite-xi0.5-s1",
+        "topk-xi0.1-s0",
+        "topk-xi0.1-s1",
+    ]
+    assert [(s.method, s.xi_target) for s in skipped] == [("fedlite", 0.1)]
+    run = runs[-1]
+    built = run.config(config)
+    assert built.method.name == "topk" and built.seed == 1
+    assert built.method.rate == pytest.approx(0.1 / (1 + 19 / 64))
+    assert config.method.name == "adc"  # the base config is left as it was
+
+
+def test_overrides_convert_types_and_reject_unknown_keys():
+    config = sweep.load_config(FASHION_CONFIG)
+    sweep.apply_overrides(
+        config, ["budget.base_epochs=1", "batch_size=64", "progress=false", "model.name=x"]
+    )
+    assert config.budget.base_epochs == 1.0 and isinstance(config.budget.base_epochs, float)
+    assert config.batch_size == 64 and config.progress is False and config.model.name == "x"
+    with pytest.raises(KeyError, match="budget.epochs"):
+        sweep.apply_overrides(config, ["budget.epochs=1"])
+
+
+def test_evaluations_spread_over_the_budget():
+    config = sweep.load_config(FASHION_CONFIG)
+    config.budget.base_epochs = 1.0
+    config.method.xi = 0.1  # 4687 steps (60 000 / 12.8)
+    assert sweep.with_evals(config, 10).eval_every_steps == 469
+    assert sweep.with_evals(config, 0).eval_every_steps == 0
+    config.eval_every_steps = 7  # set by the user: kept
+    assert sweep.with_evals(config, 10).eval_every_steps == 7
+
+
+def test_lock_is_exclusive_but_a_dead_owner_is_taken_over(tmp_path):
+    workdir = str(tmp_path / "run")
+    assert sweep.claim(workdir) and sweep.claim(workdir)  # re-entrant for its owner
+    lock = os.path.join(workdir, sweep.LOCK_FILE)
+    host = json.load(open(lock))["host"]
+    json.dump({"host": host, "pid": 1}, open(lock, "w"))  # a live process that is not us
+    assert not sweep.claim(workdir)
+    json.dump({"host": host, "pid": 2**22 + 7}, open(lock, "w"))  # no such process
+    assert sweep.claim(workdir)
+    sweep.release(workdir)
+    assert not os.path.exists(lock)
+
+
+# ---- A tiny grid end to end ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_args(fashion_dir):
+    """CLI overrides: the tiny test ViT on real Fashion-MNIST, 3 steps, evaluated at 2 and 3."""
+    sets = {
+        "model.name": "vit_test_patch4_16",
+        "dataset.data_dir": str(fashion_dir),
+        "batch_size": 16,
+        "eval_batch_size": 1000,
+        "budget.steps": 3,
+        "eval_every_steps": 2,
+        "log_every_steps": 1,
+        "devices.count": 1,
+        "progress": False,
+    }
+    args = ["--config", FASHION_CONFIG, "--methods", "base,adc", "--xi", "0.25", "--seeds", "0"]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiny_grid_runs_skips_resumes_and_plots(tiny_args, tmp_path, capsys, monkeypatch):
+    root = str(tmp_path / "sweep")
+    assert sweep.main(["run", *tiny_args, "--root", root, "--dry-run"]) == 0
+    assert "base-xi1-s0" in capsys.readouterr().out and not os.path.exists(root)
+
+    assert sweep.main(["run", *tiny_args, "--root", root]) == 0
+    out = capsys.readouterr().out
+    assert "[1/2] base-xi1-s0: started" in out and "[2/2] adc-xi0.25-s0: finished" in out
+    for name in ("base-xi1-s0", "adc-xi0.25-s0"):
+        recorded = json.load(open(os.path.join(root, name, "sweep.json")))
+        summary = json.load(open(os.path.join(root, name, "summary.json")))
+        assert summary["steps"] == 3 and recorded["xi_paper"] == summary["xi_nominal"]
+        assert not os.path.exists(os.path.join(root, name, sweep.LOCK_FILE))
+    assert recorded["method"] == "adc" and recorded["knobs"] == {"xi": 0.25}
+
+    # Finished runs are skipped without training; a run without its summary is run again and
+    # resumes from its final checkpoint (it only re-evaluates).
+    os.remove(os.path.join(root, "adc-xi0.25-s0", "summary.json"))
+    from adc_jax import train
+
+    calls = []
+    real = train.train_and_evaluate
+    monkeypatch.setattr(train, "train_and_evaluate", lambda c, w: calls.append(w) or real(c, w))
+    assert sweep.main(["run", *tiny_args, "--root", root]) == 0
+    out = capsys.readouterr().out
+    assert "base-xi1-s0: skipped" in out and "adc-xi0.25-s0: finished" in out
+    assert [os.path.basename(w) for w in calls] == ["adc-xi0.25-s0"]
+    summary = json.load(open(os.path.join(root, "adc-xi0.25-s0", "summary.json")))
+    assert summary["resumed_from_step"] == 3
+
+    # Figures and tables.
+    out_prefix = str(tmp_path / "docs" / "tiny")
+    assert sweep.main(["plot", "--root", root, "--out", out_prefix]) == 0
+    for suffix in ("accuracy", "bytes"):
+        with open(f"{out_prefix}_{suffix}.png", "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        rows = read_csv(f"{out_prefix}_{suffix}.csv")
+        assert [(r["method"], float(r["xi_target"])) for r in rows] == [
+            ("base", 1.0),
+            ("adc", 0.25),
+        ]
+        assert all(int(r["steps"]) == 3 and int(r["n_seeds"]) == 1 for r in rows)
+        assert float(rows[1]["xi_paper"]) == 0.25 and 0 < float(rows[1]["xi_measured"]) < 1
+        table = open(f"{out_prefix}_{suffix}.md").read()
+        assert "| Base | 1 | 1.0000 | 1.0000 |" in table and "| ADC | 0.25 | 0.2500 |" in table
+    # The bytes figure reads the evaluation rows: steps 2 and 3, the resumed re-evaluation once.
+    run = plots.load_run(os.path.join(root, "adc-xi0.25-s0"))
+    assert [s for s, _, _ in run.curve] == [2, 3]
+
+
+# ---- Plots from synthetic runs (seeds, the paper's reference) ------------------------------
+
+
+def fake_run(root, method, xi, seed, accuracy, *, model="deit_tiny_patch16_224"):
+    """A finished workdir as train_and_evaluate and the sweep leave it."""
+    workdir = os.path.join(root, sweep.run_name(method, xi, seed))
+    os.makedirs(workdir)
+    per_step = 1000.0 * xi
+    steps = round(10 / xi)
+    with open(os.path.join(workdir, "sweep.json"), "w") as f:
+        json.dump({"method": method, "xi_target": xi, "seed": seed, "xi_paper": xi}, f)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(
+            {
+                "method": method,
+                "model": model,
+                "dataset": "cifar100",
+                "test_accuracy": accuracy,
+                "steps": steps,
+                "xi_nominal": xi,
+                "xi_measured": xi * 1.1,
+                "bytes_up": steps * per_step,
+                "bytes_down": steps * per_step,
+                "wall_seconds": 5.0,
+                "resumed_from_step": 0,
+            },
+            f,
+        )
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        for step in (steps // 2, steps):
+            row = {"step": step, "bytes_up": step * per_step, "bytes_down": step * per_step}
+            f.write(json.dumps({**row, "test_accuracy": accuracy * step / steps}) + "\n")
+
+
+def test_plots_average_seeds_and_draw_the_paper_reference(tmp_path):
+    root = str(tmp_path / "runs")
+    for seed, (base, adc) in enumerate([(0.80, 0.70), (0.82, 0.74)]):
+        fake_run(root, "base", 1.0, seed, base)
+        fake_run(root, "adc", 0.1, seed, adc)
+    fake_run(root, "topk", 0.1, 0, 0.6)
+    os.makedirs(os.path.join(root, "c3sl-xi0.1-s0"))  # started, never finished
+    open(os.path.join(root, "c3sl-xi0.1-s0", "sweep.json"), "w").write("{}")
+
+    written = plots.plot_sweep(root, str(tmp_path / "out" / "fig"), bytes_runs=["adc"])
+    assert len(written) == 6
+    rows = read_csv(tmp_path / "out" / "fig_accuracy.csv")
+    assert [r["method"] for r in rows] == ["base", "adc", "topk"]
+    assert float(rows[1]["accuracy_mean"]) == pytest.approx(0.72)
+    assert float(rows[1]["accuracy_std"]) == pytest.approx(math.sqrt(2) * 0.02)
+    assert [int(r["n_seeds"]) for r in rows] == [2, 2, 1]
+    table = (tmp_path / "out" / "fig_accuracy.md").read_text()
+    assert "| ADC | 0.1 | 0.1000 | 0.1100 | 0.7200 ± 0.0283 | 2 |" in table
+    assert "paper" in table and "| ADC | 0.1 | 0.771 |" in table and "| Top-K | 0.136 |" in table
+    assert "Unfinished (not plotted): `c3sl-xi0.1-s0`" in table
+    assert [r["method"] for r in read_csv(tmp_path / "out" / "fig_bytes.csv")] == ["adc"]
+
+
+def test_paper_reference_only_for_the_papers_settings():
+    assert plots.paper_reference("deit_small_patch16_224", "food101")["adc"][0.1] == 0.787
+    assert plots.paper_reference("deit_tiny_patch16_224", "cifar100")["baselines"]["c3sl"] == (
+        0.125,
+        0.589,
+    )
+    assert plots.paper_reference("vit_mini_patch4_28", "fashion_mnist") is None
