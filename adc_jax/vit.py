@@ -36,12 +36,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 Params = Any
@@ -205,29 +207,92 @@ def get_model_config(
 # ------------------------------------------------------------------------------------------------
 
 
-def _layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
-    # Flax computes the mean/variance in float32 even for bfloat16 inputs.
-    return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
+@jax.custom_vjp
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+    """LayerNorm over the last axis (eps 1e-6, statistics in float32), output in ``x.dtype``.
+
+    Written out with its own backward pass, which keeps the normalised input and the
+    ``[..., 1]`` inverse deviation as residuals. Autodiff of the textbook form saves the inverse
+    deviation broadcast to the full ``[..., D]`` shape, and XLA on CPU then materialises it.
+    """
+    return _layer_norm_fwd(x, scale, bias)[0]
 
 
-def _dense(features: int, name: str, dtype: Dtype) -> nn.Dense:
-    return nn.Dense(
-        features,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=_DENSE_INIT,
-        bias_init=nn.initializers.zeros,
-        name=name,
-    )
+def _layer_norm_fwd(x, scale, bias):
+    xf = x.astype(jnp.float32)
+    centered = xf - jnp.mean(xf, axis=-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + LN_EPS)
+    normed = centered * rstd
+    return (normed * scale + bias).astype(x.dtype), (normed, rstd, scale)
+
+
+def _layer_norm_bwd(residuals, dy):
+    normed, rstd, scale = residuals
+    dtype, dy = dy.dtype, dy.astype(jnp.float32)  # the input's dtype is the output's
+    d = dy.shape[-1]
+    dscale = jnp.sum((dy * normed).reshape(-1, d), axis=0)
+    dbias = jnp.sum(dy.reshape(-1, d), axis=0)
+    g = dy * scale
+    mean_g = jnp.mean(g, axis=-1, keepdims=True)
+    mean_gn = jnp.mean(g * normed, axis=-1, keepdims=True)
+    dx = rstd * (g - mean_g - normed * mean_gn)
+    return dx.astype(dtype), dscale, dbias
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nn.Module):
+    """``nn.LayerNorm``'s parameters (``scale``, ``bias``) with :func:`layer_norm`'s kernels."""
+
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
+        return layer_norm(x.astype(self.dtype), scale, bias)
+
+
+def _layer_norm(name: str, dtype: Dtype) -> LayerNorm:
+    return LayerNorm(dtype, name=name)
+
+
+class Dense(nn.Module):
+    """``x @ kernel + bias`` over the last axis, computed as one 2-D matmul.
+
+    Same parameters as ``nn.Dense`` (``kernel [in, out]``, ``bias [out]``, float32). The input is
+    flattened to ``[rows, in]`` first: the weight gradient is then a plain ``[in, rows] × [rows,
+    out]`` contraction, while a contraction over two leading axes (``nn.Dense`` on ``[B, N, D]``)
+    makes XLA on CPU materialise a transposed copy of an activation-sized operand for every
+    layer in the backward pass.
+    """
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", _DENSE_INIT, (x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        y = x.reshape(-1, x.shape[-1]).astype(self.dtype) @ kernel.astype(self.dtype)
+        y = y + bias.astype(self.dtype)
+        return y.reshape(*x.shape[:-1], self.features)
+
+
+def _dense(features: int, name: str, dtype: Dtype) -> Dense:
+    return Dense(features, dtype, name=name)
 
 
 class PatchEmbed(nn.Module):
-    """timm's ``patch_embed.proj`` (conv, kernel = stride = patch) as patchify + one matmul.
+    """timm's ``patch_embed.proj``: a convolution with kernel = stride = patch size.
 
     The kernel is stored ``[p, p, C, D]`` (HWIO, the layout of ``nn.Conv``; timm's OIHW weight is
-    ``w.transpose(2, 3, 1, 0)``). A non-overlapping conv is exactly a matmul of the flattened
-    ``(row, col, channel)`` patches with the reshaped kernel, which XLA on CPU runs faster than a
-    strided convolution. Patches come out in row-major grid order, like timm's ``flatten(2)``.
+    ``w.transpose(2, 3, 1, 0)``). Computed as a strided convolution: on XLA's CPU backend (jax
+    0.10) that beats the equivalent "patchify + matmul" by 1.3–3× forward, because rearranging
+    the image into patch rows is a slow transpose there. Patches come out in row-major grid
+    order, like timm's ``flatten(2)``.
 
     Input ``[B, H, W, C]``; output ``[B, (H/p)·(W/p), D]`` in ``dtype``.
     """
@@ -238,15 +303,18 @@ class PatchEmbed(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
-        b, h, w, c = images.shape
+        b, _, _, c = images.shape
         p = self.patch_size
         kernel = self.param("kernel", _PATCH_INIT, (p, p, c, self.width), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.width,), jnp.float32)
-        gh, gw = h // p, w // p
-        x = images.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
-        x = x.reshape(b, gh * gw, p * p * c).astype(self.dtype)
-        x = x @ kernel.reshape(p * p * c, self.width).astype(self.dtype)
-        return x + bias.astype(self.dtype)
+        x = jax.lax.conv_general_dilated(
+            images.astype(self.dtype),
+            kernel.astype(self.dtype),
+            window_strides=(p, p),
+            padding="VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        return x.reshape(b, -1, self.width) + bias.astype(self.dtype)
 
 
 Selector = Callable[[jax.Array], tuple[jax.Array, Any]]
@@ -278,33 +346,109 @@ class Attention(nn.Module):
         hd = d // h
         # One [D, 3D] matmul instead of three: fewer, larger GEMMs are faster on CPU, and the output
         # columns are timm's attn.qkv rows: [q (head 0..H-1), k (…), v (…)], each head hd wide.
-        qkv = _dense(3 * d, "qkv", self.dtype)(x).reshape(b, n, 3, h, hd)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, hd]
+        # Split, not indexed: the gradient of a split is one concatenation; that of three index
+        # slices is three zero-padded copies of the whole qkv tensor, summed.
+        qkv = _dense(3 * d, "qkv", self.dtype)(x)
+        q, k, v = jnp.split(qkv, 3, axis=2)  # [B, N, D] each
+        # Scaling q (B·N·D values) instead of the logits (B·H·N·N) is the same up to rounding
+        # (exact when hd is a power of 4, as in every DeiT), and saves a pass over the logits.
+        q = q * jnp.asarray(hd**-0.5, q.dtype)
+        k, v = _heads(k, h), _heads(v, h)  # [B, H, N, hd]
         selection = None
         if select is not None:
             # The CLS row alone gives the scores; the selector then names the rows still needed.
-            cls_probs = _softmax_rows(q[:, :1], k, hd)  # [B, H, 1, N]
-            cls_attention = jax.lax.stop_gradient(cls_probs[:, :, 0, :].mean(axis=1))
+            # Same kernel as the full path's row 0, so both paths rank tokens by the same numbers.
+            cls_row = attention(*jax.lax.stop_gradient((_heads(q[:, :1], h), k, v)))[1]
+            cls_attention = cls_row.mean(axis=1)  # [B, N]
             positions, aux = select(cls_attention)
             selection = (positions, aux)
-            q = jnp.take_along_axis(q, positions[:, :, None, None], axis=1)  # [B, k, H, hd]
-        probs = _softmax_rows(q, k, hd)  # [B, H, n_q, N]
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
-        out = _dense(d, "proj", self.dtype)(out.reshape(b, q.shape[1], d))
+            q = jnp.take_along_axis(q, positions[:, :, None], axis=1)  # [B, k, D]
+        out, first_row = attention(_heads(q, h), k, v)  # [B, H, n_q, hd], [B, H, N]
+        out = out.transpose(0, 2, 1, 3).reshape(b, q.shape[1], d)  # heads back to features
+        out = _dense(d, "proj", self.dtype)(out)
         if selection is not None:
             return out, cls_attention, selection
-        cls_attention = probs[:, :, 0, :].mean(axis=1) if return_cls_attention else None
+        cls_attention = first_row.mean(axis=1) if return_cls_attention else None
         return out, cls_attention
 
 
-def _softmax_rows(q: jax.Array, k: jax.Array, head_dim: int) -> jax.Array:
-    """Per-head ``softmax(q kᵀ/√d)``: ``q [B, n, H, hd]``, ``k [B, N, H, hd]`` → ``[B, H, n, N]``.
+def _heads(x: jax.Array, num_heads: int) -> jax.Array:
+    """``[B, n, H·hd] → [B, H, n, hd]``: heads as a batch axis, the layout batched GEMMs want."""
+    b, n, d = x.shape
+    return x.reshape(b, n, num_heads, d // num_heads).transpose(0, 2, 1, 3)
 
-    Logits and softmax in float32 whatever the compute dtype: bfloat16 softmax over ~200 keys
-    loses the small entries that ADC ranks tokens by.
+
+@jax.custom_vjp
+def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``softmax(q kᵀ) v`` per head, and row 0 of the softmax (no gradient through the latter).
+
+    ``q [B, H, n, hd]`` (pre-scaled), ``k, v [B, H, N, hd]`` → ``(out [B, H, n, hd] in v's dtype,
+    probs[:, :, 0, :] [B, H, N] float32)``. Same numbers as the textbook form up to rounding, with
+    fewer passes over the ``[B, H, n, N]`` attention matrix, which dominate on a CPU: the
+    forward pass normalises the ``[n, hd]`` output instead of the ``[n, N]`` matrix, and the
+    backward pass takes the softmax's row sums from ``dout · out`` (as FlashAttention does).
     """
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    return jax.nn.softmax(logits * (head_dim**-0.5), axis=-1)
+    return _attention_fwd(q, k, v)[0]
+
+
+def _attention_fwd(q, k, v):
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+    exp = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    inv_sum = 1.0 / jnp.sum(exp, axis=-1, keepdims=True)  # [B, H, n, 1]
+    unnormed = jnp.einsum(
+        "bhqk,bhkd->bhqd", exp.astype(v.dtype), v, preferred_element_type=jnp.float32
+    )
+    out = (unnormed * inv_sum).astype(v.dtype)
+    first_row = exp[:, :, 0, :] * inv_sum[:, :, 0, :]
+    return (out, first_row), (q, k, v, out, exp, inv_sum)
+
+
+def _attention_bwd(residuals, cotangents):
+    q, k, v, out, exp, inv_sum = residuals
+    d_out = cotangents[0].astype(jnp.float32)  # row 0's cotangent is ignored (stop_gradient)
+    d_scaled = (d_out * inv_sum).astype(v.dtype)  # dout / rowsum: P = exp · inv_sum
+    dv = jnp.einsum(
+        "bhqk,bhqd->bhkd", exp.astype(v.dtype), d_scaled, preferred_element_type=jnp.float32
+    )
+    dp = jnp.einsum("bhqd,bhkd->bhqk", d_scaled, v, preferred_element_type=jnp.float32)
+    row = jnp.sum(d_out * out.astype(jnp.float32), axis=-1, keepdims=True)  # Σ_k P·dP
+    d_logits = (exp * (dp - row * inv_sum)).astype(q.dtype)
+    dq = jnp.einsum("bhqk,bhkd->bhqd", d_logits, k, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("bhqk,bhqd->bhkd", d_logits, q, preferred_element_type=jnp.float32)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+_INV_SQRT2_NEXT = float(np.nextafter(np.float32(2**-0.5), np.float32(1.0)))
+
+
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU ``x·Φ(x) = ½·x·(1 + erf(x/√2))``, timm's ``nn.GELU`` formula.
+
+    ``jax.nn.gelu(approximate=False)`` uses ``erfc`` (more accurate far in the negative tail),
+    whose XLA CPU kernel is slower than ``erf``'s. The backward pass ``Φ(x) + x·φ(x)`` is written
+    out so that only ``x`` is kept from the forward pass.
+    """
+    return _gelu_fwd(x)[0]
+
+
+def _gelu_fwd(x):
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(2**-0.5, x.dtype))), x
+
+
+def _gelu_bwd(x, g):
+    # The forward pass's 1/√2 plus one float32 ulp: with the same constant, XLA merges the two
+    # erf computations and keeps erf's output as one more activation-sized array between the
+    # passes; recomputing it inside the backward fusion costs less than that memory traffic.
+    cdf = 0.5 * (1.0 + jax.lax.erf(x * jnp.asarray(_INV_SQRT2_NEXT, x.dtype)))
+    pdf = jnp.exp(-0.5 * x * x) * jnp.asarray((2 * math.pi) ** -0.5, x.dtype)
+    return (g * (cdf + x * pdf),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 class Mlp(nn.Module):
@@ -317,7 +461,7 @@ class Mlp(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
         x = _dense(self.mlp_dim, "fc1", self.dtype)(x)
-        x = nn.gelu(x, approximate=False)  # timm's nn.GELU is the erf form
+        x = gelu(x)  # timm's nn.GELU is the exact (erf) form
         return _dense(d, "fc2", self.dtype)(x)
 
 

@@ -1,0 +1,120 @@
+"""Shared helpers of the JAX benchmark scripts: timing, environment, JSON lines.
+
+Timings are wall-clock medians of calls that end in ``jax.block_until_ready``, after warm-up calls
+(which include compilation). Every record carries the device and the library versions, so that a
+number is never separated from the machine that produced it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+# XLA flags that made DeiT training faster on a 2-core x86 CPU (XLA of jax 0.10; see the report in
+# the README): YNNPACK only for reductions, so that matmuls go to Eigen (faster here in the
+# backward pass) while row reductions (LayerNorm, softmax) keep YNNPACK's kernels. CPU-only: GPU
+# and TPU compilers ignore them.
+TUNED_CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=reduce",)
+
+
+def configure_xla(tuned: bool) -> None:
+    """Adds :data:`TUNED_CPU_XLA_FLAGS` to ``XLA_FLAGS`` unless set there or ``tuned`` is false.
+
+    Must run before JAX starts its backends; afterwards (e.g. inside pytest) it does nothing.
+    """
+    from jax._src import xla_bridge
+
+    if not tuned or xla_bridge.backends_are_initialized():
+        return
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    names = {f.split("=")[0] for f in flags}
+    flags += [f for f in TUNED_CPU_XLA_FLAGS if f.split("=")[0] not in names]
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+
+
+def environment() -> dict[str, Any]:
+    """Device, versions and machine state, for every record."""
+    import flax
+    import jaxlib
+    import optax
+
+    device = jax.devices()[0]
+    return {
+        "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
+        "num_devices": jax.device_count(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "load_1min": round(os.getloadavg()[0], 2),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def timed(fn: Callable[[], Any], steps: int, warmup: int = 1) -> dict[str, Any]:
+    """Runs ``fn`` ``warmup`` times, then ``steps`` timed times: median, min and all times (s).
+
+    ``fn`` must return the arrays to wait for; the first warm-up call's time (compilation
+    included) is reported as ``first_s``.
+    """
+    first = None
+    for _ in range(warmup):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        first = time.perf_counter() - start if first is None else first
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return summary(times, first)
+
+
+def summary(times: list[float], first: float | None = None) -> dict[str, Any]:
+    out = {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "times_s": [round(t, 6) for t in times],
+    }
+    if first is not None:
+        out["first_s"] = round(first, 4)
+    return out
+
+
+def peak_memory() -> dict[str, Any]:
+    """Peak memory so far: the device's allocator statistics where it has them, else the
+    process's maximum resident set size (CPU: host memory is device memory)."""
+    stats = jax.devices()[0].memory_stats()
+    if stats and "peak_bytes_in_use" in stats:
+        return {"peak_bytes": int(stats["peak_bytes_in_use"]), "peak_source": "device"}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    scale = 1 if sys.platform == "darwin" else 1024
+    return {"peak_bytes": int(rss * scale), "peak_source": "process_max_rss"}
+
+
+def emit(record: dict[str, Any], stream=None) -> None:
+    """One JSON object per line."""
+    print(json.dumps(record), file=stream or sys.stdout, flush=True)

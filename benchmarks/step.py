@@ -1,0 +1,481 @@
+"""Times one split-learning training step, program by program (GitHub issues #2 and #8).
+
+One configuration (model, batch, method, ξ) per call; JSON lines on stdout::
+
+    python benchmarks/step.py --model deit_tiny_patch16_224 --batch 32 --method adc --xi 0.1
+    python benchmarks/step.py --grid          # B ∈ {32, 64, 128} × {base, adc ξ=.5/.1/.01}
+    python benchmarks/step.py --input --batch 128   # the input path only
+
+Records (every one carries the device, versions, XLA flags and the 1-minute load average):
+
+* ``record="time"``, ``phase`` ∈ ``client_forward``, ``compress``, ``compress_fwd_bwd``,
+  ``server_step``, ``client_backward``, ``step``, ``fused_step``: ``median_s`` of ``--steps``
+  calls after warm-up, each ending in ``block_until_ready``. ``client_forward``,
+  ``server_step`` and ``client_backward`` are the three jitted programs of
+  :func:`adc_jax.split.jit_programs`, timed one at a time; ``step`` is the three run back to back
+  (:meth:`~adc_jax.split.Programs.split_step`, one wait at the end); ``fused_step`` is the
+  single-program step. ``compress`` is the method's encoder alone on the client's output (ADC:
+  K-means, token selection, gather and merge: everything ADC adds), ``compress_fwd_bwd`` the same
+  with its backward pass. Both are measured outside the step; inside the step the ADC client runs
+  the cheaper form (clustering, then merging of the kept tokens only).
+* ``record="memory"``: peak bytes for the configuration (``peak_source``: ``device`` allocator
+  statistics where the backend has them, else ``process_max_rss``: each configuration of a grid
+  runs in its own process so that the maximum RSS is its own).
+* ``record="ratio"``: ``compress / step`` (ADC's overhead), ``step / fused_step``.
+* ``record="check"``: compilations per program after all the timed calls (1 = no recompilation).
+* ``record="input"``: host→device bytes per step of a uint8 32×32×3 batch (CIFAR, as the training
+  loop ships it) and of a float32 batch at the model's resolution, their ``device_put`` times, and
+  the time of the on-device augmentation (:func:`adc_jax.augment.train_augment`: RandAugment,
+  colour jitter, resize to the model's size, flip, normalise) per batch.
+* with ``--grid``: ``record="summary"`` (step(ξ)/step(Base), ADC overhead, split/fused) and
+  ``record="target"`` (the performance targets, met or not); a Markdown table on stderr.
+
+``--dtype bfloat16`` (compute dtype of the model) and ``--no-donate`` (no buffer donation) are
+there so that accelerator choices are visible in the same script; on a CPU neither helps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import configure_xla, emit, environment, peak_memory, timed  # noqa: E402
+
+from adc_jax import augment, split, vit  # noqa: E402
+from adc_jax.kmeans import kmeans  # noqa: E402
+from adc_jax.methods import ADC, Base, CutShape  # noqa: E402
+
+GRID_BATCHES = (32, 64, 128)
+GRID_XIS = (0.5, 0.1, 0.01)
+PHASES = ("client_forward", "compress", "server_step", "client_backward", "step", "fused_step")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="deit_tiny_patch16_224")
+    p.add_argument("--split-index", type=int, default=3)
+    p.add_argument("--num-classes", type=int, default=100, help="head size (CIFAR-100: 100)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--method", choices=("base", "adc"), default="adc")
+    p.add_argument("--xi", type=float, default=0.1, help="ADC compression ratio")
+    p.add_argument("--steps", type=int, default=5, help="timed calls per phase (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls first (compilation)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--no-donate", dest="donate", action="store_false", help="no buffer donation")
+    p.add_argument(
+        "--no-select",
+        dest="select",
+        action="store_false",
+        help="ADC client computes all N tokens of its last block (the unoptimised path)",
+    )
+    p.add_argument(
+        "--xla-default",
+        dest="xla_tuned",
+        action="store_false",
+        help="JAX's default XLA flags (else common.TUNED_CPU_XLA_FLAGS are added to XLA_FLAGS)",
+    )
+    p.add_argument("--input", action="store_true", help="time the input path only")
+    p.add_argument("--grid", action="store_true", help="the whole grid, one process per config")
+    p.add_argument(
+        "--torch-python",
+        help="with --grid: an interpreter with torch + timm; runs benchmarks/torch_step.py per "
+        "batch size (2 threads) and reports our Base step over PyTorch's",
+    )
+    p.add_argument("--batches", type=int, nargs="+", default=list(GRID_BATCHES))
+    p.add_argument("--xis", type=float, nargs="+", default=list(GRID_XIS))
+    return p.parse_args(argv)
+
+
+# ---- One configuration ----------------------------------------------------------------------
+
+
+def _config(args) -> dict[str, Any]:
+    return {
+        "model": args.model,
+        "split_index": args.split_index,
+        "batch": args.batch,
+        "method": args.method,
+        "xi": args.xi if args.method == "adc" else 1.0,
+        "dtype": args.dtype,
+        "donate": args.donate,
+        "select_in_client": args.select,
+    }
+
+
+def _programs(protocol: split.Protocol, donate: bool) -> split.Programs:
+    if donate:
+        return split.jit_programs(protocol)
+    jit = lambda f: jax.jit(partial(f, protocol))
+    return split.Programs(
+        jit(split.client_forward),
+        jit(split.server_step),
+        jit(split.client_backward),
+        jit(split.fused_step),
+        jit(split.evaluate_batch),
+    )
+
+
+def setup(args):
+    """Model, protocol, fresh state and one device batch of random images and labels."""
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    model = vit.make_model(
+        args.model, split_index=args.split_index, num_classes=args.num_classes, dtype=dtype
+    )
+    method = ADC(xi=args.xi) if args.method == "adc" else Base()
+    protocol = split.Protocol(
+        client_apply=model.apply_client,
+        server_apply=model.apply_server,
+        method=method,
+        num_classes=args.num_classes,
+        client_tx=optax.adam(1e-4),
+        server_tx=optax.adam(1e-4),
+        select_in_client=args.select,
+    )
+    params = model.init(jax.random.key(0))
+    cut = CutShape(args.batch, model.seq_len, model.width, args.num_classes)
+    state = split.init_state(protocol, jax.random.key(1), params["client"], params["server"], cut)
+    cfg = model.config
+    shape = (args.batch, cfg.image_size, cfg.image_size, cfg.in_chans)
+    batch = {
+        "image": jax.random.normal(jax.random.key(2), shape, jnp.float32),
+        "label": jax.random.randint(jax.random.key(3), (args.batch,), 0, args.num_classes),
+    }
+    return model, protocol, state, jax.device_put(batch)
+
+
+def bench_config(args) -> list[dict[str, Any]]:
+    base = {**_config(args), **environment()}
+    records = []
+
+    def add(phase, result, **extra):
+        records.append({"record": "time", "phase": phase, **result, **extra, **base})
+
+    model, protocol, state, batch = setup(args)
+    if args.method == "adc":
+        plan = protocol.method.plan(args.batch, model.seq_len)
+        base.update(num_clusters=plan.num_clusters, num_tokens=plan.num_tokens, xi_actual=plan.xi)
+    programs = _programs(protocol, args.donate)
+    steps, warmup = args.steps, max(args.warmup, 1)
+
+    # ---- Warm-up: compiles the three programs -----------------------------------------------
+    first = []
+    for _ in range(warmup):
+        start = _now()
+        state, metrics = programs.split_step(state, batch)
+        jax.block_until_ready((state, metrics))
+        first.append(_now() - start)
+
+    # ---- The three programs, one at a time ---------------------------------------------------
+    state = _time_programs(programs, state, batch, steps, add)
+
+    # ---- The whole split step, then the fused program ---------------------------------------
+    def split_call():
+        nonlocal state
+        state, m = programs.split_step(state, batch)
+        return state, m
+
+    add("step", timed(split_call, steps, 0), first_s=round(first[0], 4))
+
+    def fused_call():
+        nonlocal state
+        state, m = programs.fused_step(state, batch)
+        return state, m
+
+    add("fused_step", timed(fused_call, steps, warmup))
+
+    # ---- The method's encoder alone (ADC: everything ADC adds to the step) -----------------
+    _bench_compress(args, model, protocol, state, batch, add)
+
+    # ---- Recompilation and memory ----------------------------------------------------------
+    compiles = {
+        name: _cache_size(getattr(programs, name))
+        for name in ("client_forward", "server_step", "client_backward", "fused_step")
+    }
+    records.append({"record": "check", "compilations": compiles, **base})
+    records.append({"record": "memory", **peak_memory(), **base})
+    times = {r["phase"]: r["median_s"] for r in records if r["record"] == "time"}
+    ratios = {"split_over_fused": times["step"] / times["fused_step"]}
+    if args.method == "adc":
+        ratios["compress_over_step"] = times["compress"] / times["step"]
+        ratios["compress_fwd_bwd_over_step"] = times["compress_fwd_bwd"] / times["step"]
+    records.append({"record": "ratio", **ratios, **base})
+    return records
+
+
+def _time_programs(programs, state, batch, steps, add):
+    """Times client_forward, server_step and client_backward one by one; returns the state."""
+    add("client_forward", timed(lambda: programs.client_forward(state, batch), steps, 0))
+    payload, vjp = programs.client_forward(state, batch)
+    server, grad = state.server, None
+
+    def server_call():
+        nonlocal server, grad
+        server, grad, _ = programs.server_step(server, state.method_state, payload)
+        return server, grad
+
+    add("server_step", timed(server_call, steps, 0))
+    client, count = state.client, state.step
+
+    def client_call():
+        nonlocal client, count
+        client, count = programs.client_backward(client, count, vjp, grad)
+        return client, count
+
+    add("client_backward", timed(client_call, steps, 0))
+    return state._replace(server=server, client=client, step=count)
+
+
+def _bench_compress(args, model, protocol, state, batch, add) -> None:
+    """Times ``method.encode`` on the client's real output: forward, and forward + backward."""
+    method = protocol.method
+    tokens, scores = jax.jit(model.apply_client)(state.client.params["model"], batch["image"])
+    labels, key = batch["label"], jax.random.key(4)
+
+    def encode(tokens):
+        payload = method.encode(
+            {}, state.method_state, tokens, scores, labels, key, num_classes=args.num_classes
+        )
+        return payload.activations, payload.labels
+
+    forward = jax.jit(encode)
+
+    @jax.jit
+    def forward_backward(tokens):
+        (activations, soft), vjp = jax.vjp(encode, tokens)
+        return activations, soft, vjp((jnp.ones_like(activations), jnp.zeros_like(soft)))[0]
+
+    extra = {}
+    if args.method == "adc":  # Lloyd iterations this batch takes (the while loop's trip count)
+        plan = method.plan(args.batch, model.seq_len)
+        run = partial(kmeans, num_clusters=plan.num_clusters, key=key, max_iters=method.max_iters)
+        extra["kmeans_iters"] = int(jax.jit(lambda s: run(s, tol=method.tol).num_iters)(scores))
+    add("compress", timed(lambda: forward(tokens), args.steps, 2), **extra)
+    add("compress_fwd_bwd", timed(lambda: forward_backward(tokens), args.steps, 2), **extra)
+
+
+def _cache_size(fn) -> int | None:
+    size = getattr(fn, "_cache_size", None)
+    return size() if callable(size) else None
+
+
+def _now() -> float:
+    return time.perf_counter()
+
+
+# ---- The input path ---------------------------------------------------------------------------
+
+
+def bench_input(args) -> list[dict[str, Any]]:
+    """Host→device bytes per step and the on-device augmentation, per batch of ``args.batch``."""
+    cfg = vit.get_model_config(args.model)
+    rng = np.random.default_rng(0)
+    stored = rng.integers(0, 256, (args.batch, 32, 32, cfg.in_chans), dtype=np.uint8)
+    full = rng.standard_normal((args.batch, cfg.image_size, cfg.image_size, cfg.in_chans))
+    full = full.astype(np.float32)
+    base = {"model": args.model, "batch": args.batch, **environment()}
+    records = []
+    for name, host in (("uint8_32px", stored), ("float32_full", full)):
+        result = timed(lambda host=host: jax.device_put(host), args.steps, 1)
+        record = {"record": "input", "phase": f"h2d_{name}", "bytes": int(host.nbytes), **result}
+        records.append({**record, **base})
+    augment_fn = jax.jit(
+        partial(augment.train_augment, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std)
+    )
+    images = jax.device_put(stored)
+    keys = iter(jax.random.split(jax.random.key(5), args.steps + 2))
+    result = timed(lambda: augment_fn(images, next(keys)), args.steps, 2)
+    record = {"record": "input", "phase": "augment", "output_bytes": 4 * int(full.size), **result}
+    records.append({**record, **base})
+    return records
+
+
+# ---- The grid -------------------------------------------------------------------------------
+
+
+def run_grid(args) -> list[dict[str, Any]]:
+    """Every configuration in its own process (clean peak memory), then ratios and targets."""
+    records = []
+    script = os.path.abspath(__file__)
+    common = [
+        "--model",
+        args.model,
+        "--split-index",
+        str(args.split_index),
+        "--num-classes",
+        str(args.num_classes),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--dtype",
+        args.dtype,
+    ]
+    common += [] if args.donate else ["--no-donate"]
+    common += [] if args.xla_tuned else ["--xla-default"]
+    common += [] if args.select else ["--no-select"]
+    runs = []
+    for b in args.batches:
+        runs.append(["--batch", str(b), "--method", "base"])
+        runs += [["--batch", str(b), "--method", "adc", "--xi", str(xi)] for xi in args.xis]
+    runs += [["--batch", str(b), "--input"] for b in args.batches]
+    commands = [[sys.executable, script, *common, *run] for run in runs]
+    if args.torch_python:
+        torch_script = os.path.join(os.path.dirname(script), "torch_step.py")
+        commands += [
+            [args.torch_python, torch_script, "--model", args.model, "--batch", str(b)]
+            + ["--split-index", str(args.split_index), "--num-classes", str(args.num_classes)]
+            + [
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--threads",
+                "2",
+                "--split",
+            ]
+            for b in args.batches
+        ]
+    for command in commands:
+        out = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
+        for line in out.splitlines():
+            record = json.loads(line)
+            emit(record)
+            records.append(record)
+    extra = summarize(records)
+    for record in extra:
+        emit(record)
+    print(markdown(records + extra), file=sys.stderr)
+    return records + extra
+
+
+def _times(records) -> dict[tuple, dict[str, float]]:
+    out: dict[tuple, dict[str, float]] = {}
+    for r in records:
+        if r.get("record") == "time" and r.get("framework", "jax") == "jax":
+            key = (r["batch"], r["method"], r["xi"])
+            out.setdefault(key, {})[r["phase"]] = r["median_s"]
+    return out
+
+
+def summarize(records) -> list[dict[str, Any]]:
+    """Ratios per configuration and the performance targets of issue #8."""
+    env = environment()
+    times = _times(records)
+    out = []
+    for (b, method, xi), t in sorted(times.items()):
+        base_step = times.get((b, "base", 1.0), {}).get("step")
+        row = {
+            "record": "summary",
+            "batch": b,
+            "method": method,
+            "xi": xi,
+            "step_s": t["step"],
+            "fused_step_s": t["fused_step"],
+            "split_over_fused": t["step"] / t["fused_step"],
+            "step_over_base": t["step"] / base_step if base_step else None,
+            "adc_overhead_over_step": (
+                t["compress_fwd_bwd"] / t["step"] if method == "adc" else None
+            ),
+        }
+        out.append(row)
+    torch = {
+        (r["batch"], r["phase"]): r["median_s"]
+        for r in records
+        if r.get("record") == "time" and r.get("framework") == "torch"
+    }
+    for r in out:
+        torch_step = torch.get((r["batch"], "step"))
+        if r["method"] == "base" and torch_step:
+            r["torch_step_s"] = torch_step
+            r["fused_over_torch"] = r["fused_step_s"] / torch_step
+            r["torch_split_step_s"] = torch.get((r["batch"], "split_step"), torch_step)
+            r["split_over_torch"] = r["step_s"] / r["torch_split_step_s"]
+    adc_128 = [r for r in out if r["method"] == "adc" and r["batch"] == 128]
+    adc_64 = [r for r in out if r["method"] == "adc" and r["batch"] == 64 and r["xi"] == 0.1]
+    targets = []
+    if adc_128:
+        worst = max(r["adc_overhead_over_step"] for r in adc_128)
+        targets.append(("adc_overhead_over_step_B128", worst, 0.03))
+    if adc_64 and adc_64[0]["step_over_base"] is not None:
+        targets.append(("adc_xi0.1_step_over_base_B64", adc_64[0]["step_over_base"], 0.30))
+    if out:
+        targets.append(("split_over_fused_max", max(r["split_over_fused"] for r in out), 1.15))
+    for r in out:
+        if "fused_over_torch" in r:
+            targets.append((f"base_fused_over_torch_B{r['batch']}", r["fused_over_torch"], 1.0))
+    for name, value, limit in targets:
+        out.append(
+            {
+                "record": "target",
+                "target": name,
+                "value": value,
+                "limit": limit,
+                "met": value <= limit,
+                **env,
+            }
+        )
+    return out
+
+
+def markdown(records) -> str:
+    """The grid as Markdown tables (times in seconds)."""
+    times = _times(records)
+    lines = ["| B | method | ξ | " + " | ".join(PHASES) + " | split/fused | step/Base |"]
+    lines.append("|" + "---|" * (len(PHASES) + 5))
+    summaries = {(r["batch"], r["method"], r["xi"]): r for r in records if r["record"] == "summary"}
+    for key, t in sorted(times.items()):
+        s = summaries.get(key, {})
+        cells = [f"{t.get(p, float('nan')):.4f}" for p in PHASES]
+        ratio = s.get("step_over_base")
+        lines.append(
+            f"| {key[0]} | {key[1]} | {key[2]:g} | "
+            + " | ".join(cells)
+            + f" | {s.get('split_over_fused', float('nan')):.3f} | "
+            + (f"{ratio:.3f}" if ratio is not None else "–")
+            + " |"
+        )
+    compared = [r for r in records if r.get("record") == "summary" and "torch_step_s" in r]
+    if compared:
+        lines += [
+            "",
+            "| B | PyTorch step | our fused step | ratio | PyTorch split | our split | ratio |",
+        ]
+        lines.append("|---|---|---|---|---|---|---|")
+        for r in compared:
+            lines.append(
+                f"| {r['batch']} | {r['torch_step_s']:.3f} | {r['fused_step_s']:.3f} | "
+                f"{r['fused_over_torch']:.3f} | {r['torch_split_step_s']:.3f} | "
+                f"{r['step_s']:.3f} | {r['split_over_torch']:.3f} |"
+            )
+    for r in records:
+        if r.get("record") == "target":
+            verdict = "met" if r["met"] else "NOT met"
+            lines.append(f"\n{r['target']}: {r['value']:.4f} (limit {r['limit']}) {verdict}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict[str, Any]]:
+    args = parse_args(argv)
+    configure_xla(args.xla_tuned)
+    if args.grid:
+        return run_grid(args)
+    records = bench_input(args) if args.input else bench_config(args)
+    for record in records:
+        emit(record)
+    return records
+
+
+if __name__ == "__main__":
+    main()

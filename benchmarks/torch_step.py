@@ -1,0 +1,167 @@
+"""The same training step in plain PyTorch/timm, as a yardstick for benchmarks/step.py (issue #8).
+
+Run with an interpreter that has torch and timm (not dependencies of adc-jax)::
+
+    /opt/torchenv/bin/python benchmarks/torch_step.py --batch 64 [--threads 2] [--split]
+
+``phase="step"``: timm's ``deit_tiny_patch16_224`` (``pretrained=False``, ``--num-classes``
+head), forward through all blocks, cross-entropy, backward, ``Adam(1e-4)`` step — the Base step
+of benchmarks/step.py. With ``--split`` also ``phase="split_step"``: the client (patch embedding,
+CLS, position embedding, blocks ``0..l-1``) and the server (the rest) as two graphs cut with
+``detach().requires_grad_()``, the server's gradient at the cut handed back to the client's
+backward, one Adam per side — the protocol of the split step without compression. Random
+float32 NCHW images, random labels. One JSON object per line, in the format of step.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import timm
+import torch
+import torch.nn.functional as F
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="deit_tiny_patch16_224")
+    p.add_argument("--split-index", type=int, default=3)
+    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--split", action="store_true", help="also time the client/server split step")
+    return p.parse_args(argv)
+
+
+def environment(threads: int) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "device": "cpu:torch",
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": threads,
+        "load_1min": round(os.getloadavg()[0], 2),
+    }
+
+
+def timed(fn, steps: int, warmup: int) -> dict:
+    first = None
+    for _ in range(warmup):
+        start = time.perf_counter()
+        fn()
+        first = time.perf_counter() - start if first is None else first
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    out = {"median_s": statistics.median(times), "min_s": min(times)}
+    out["times_s"] = [round(t, 6) for t in times]
+    if first is not None:
+        out["first_s"] = round(first, 4)
+    return out
+
+
+def base_step(model, opt, images, labels):
+    opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(images), labels)
+    loss.backward()
+    opt.step()
+
+
+def client_forward(model, images, split_index):
+    x = model.patch_embed(images)
+    x = model._pos_embed(x)  # prepends CLS, adds the position embedding (DeiT v1 order)
+    x = model.norm_pre(x)
+    for block in model.blocks[:split_index]:
+        x = block(x)
+    return x
+
+
+def server_forward(model, tokens, split_index):
+    x = tokens
+    for block in model.blocks[split_index:]:
+        x = block(x)
+    return model.forward_head(model.norm(x))
+
+
+def split_step(model, client_opt, server_opt, images, labels, split_index):
+    client_opt.zero_grad(set_to_none=True)
+    server_opt.zero_grad(set_to_none=True)
+    tokens = client_forward(model, images, split_index)
+    received = tokens.detach().requires_grad_()  # what crosses the cut
+    loss = F.cross_entropy(server_forward(model, received, split_index), labels)
+    loss.backward()
+    server_opt.step()
+    tokens.backward(received.grad)  # the gradient sent back
+    client_opt.step()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes)
+    model.train()
+    size = model.default_cfg["input_size"]
+    images = torch.randn(args.batch, *size)
+    labels = torch.randint(0, args.num_classes, (args.batch,))
+    base = {
+        "model": args.model,
+        "split_index": args.split_index,
+        "batch": args.batch,
+        "method": "base",
+        "xi": 1.0,
+        "dtype": "float32",
+        "framework": "torch",
+        **environment(args.threads),
+    }
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, eps=1e-8)
+    result = timed(lambda: base_step(model, opt, images, labels), args.steps, args.warmup)
+    print(json.dumps({"record": "time", "phase": "step", **result, **base}), flush=True)
+    if args.split:
+        client_params = [
+            *model.patch_embed.parameters(),
+            model.cls_token,
+            model.pos_embed,
+            *model.blocks[: args.split_index].parameters(),
+        ]
+        ids = {id(p) for p in client_params}
+        server_params = [p for p in model.parameters() if id(p) not in ids]
+        client_opt = torch.optim.Adam(client_params, lr=1e-4, eps=1e-8)
+        server_opt = torch.optim.Adam(server_params, lr=1e-4, eps=1e-8)
+
+        def step():
+            split_step(model, client_opt, server_opt, images, labels, args.split_index)
+
+        result = timed(step, args.steps, args.warmup)
+        print(json.dumps({"record": "time", "phase": "split_step", **result, **base}), flush=True)
+    peak = 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(
+        json.dumps(
+            {"record": "memory", "peak_bytes": peak, "peak_source": "process_max_rss", **base}
+        ),
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The benchmark scripts' interface: one tiny configuration, JSON lines with the promised fields."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+PHASES = {"client_forward", "compress", "server_step", "client_backward", "step", "fused_step"}
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def step():
+    return load("step")
+
+
+def test_step_benchmark_prints_one_record_per_phase(step, capsys):
+    argv = "--model vit_test_patch4_16 --split-index 2 --num-classes 10 --batch 8"
+    records = step.main(
+        [*argv.split(), "--method", "adc", "--xi", "0.5", "--steps", "1", "--xla-default"]
+    )
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines == records  # JSON lines on stdout, one object per line
+    times = {r["phase"]: r for r in records if r["record"] == "time"}
+    assert PHASES <= set(times)
+    for r in times.values():
+        assert r["model"] == "vit_test_patch4_16" and r["batch"] == 8
+        assert r["method"] == "adc" and r["xi"] == 0.5
+        assert r["median_s"] > 0 and r["device"].startswith("cpu") and r["jax"]
+        assert (r["num_clusters"], r["num_tokens"]) == (5, 12)  # B = 8, N = 17, ξ = 0.5
+    (check,) = [r for r in records if r["record"] == "check"]
+    assert set(check["compilations"].values()) == {1}  # no recompilation after the first step
+    (memory,) = [r for r in records if r["record"] == "memory"]
+    assert memory["peak_bytes"] > 0 and memory["peak_source"] in {"device", "process_max_rss"}
+    (ratio,) = [r for r in records if r["record"] == "ratio"]
+    assert ratio["split_over_fused"] > 0 and ratio["compress_over_step"] > 0
+
+
+def test_grid_summary_and_targets(step):
+    """The ratio summary of --grid, on hand-made records (the grid itself takes minutes)."""
+
+    def rec(b, method, xi, **phases):
+        return [
+            {"record": "time", "batch": b, "method": method, "xi": xi, "phase": p, "median_s": t}
+            for p, t in phases.items()
+        ]
+
+    base = dict(step=1.0, fused_step=0.9, compress_fwd_bwd=0.0)
+    adc = dict(step=0.25, fused_step=0.24, compress_fwd_bwd=0.005)
+    records = [
+        *rec(64, "base", 1.0, **base),
+        *rec(64, "adc", 0.1, **adc),
+        *rec(128, "base", 1.0, **base),
+        *rec(128, "adc", 0.1, **adc),
+    ]
+    out = step.summarize(records)
+    rows = {(r["batch"], r["method"]): r for r in out if r["record"] == "summary"}
+    assert rows[(64, "adc")]["step_over_base"] == pytest.approx(0.25)
+    assert rows[(64, "base")]["split_over_fused"] == pytest.approx(1.0 / 0.9)
+    targets = {r["target"]: r for r in out if r["record"] == "target"}
+    assert targets["adc_xi0.1_step_over_base_B64"]["met"]
+    assert targets["adc_overhead_over_step_B128"]["value"] == pytest.approx(0.02)
+    assert targets["split_over_fused_max"]["met"]  # 1.11 <= 1.15
+    assert "| 64 | adc | 0.1 |" in step.markdown(records + out)
