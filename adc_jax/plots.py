@@ -411,44 +411,64 @@ def plot_accuracy_vs_xi(groups: Sequence[Group], path: str, *, title: str | None
     plt.close(fig)
 
 
+def _tint(color: str, amount: float) -> tuple[float, float, float]:
+    """``color`` mixed with white (``amount`` 0: unchanged, 1: white)."""
+    from matplotlib.colors import to_rgb
+
+    return tuple(c + (1.0 - c) * amount for c in to_rgb(color))
+
+
 def plot_accuracy_vs_bytes(groups: Sequence[Group], path: str, *, title: str | None = None) -> None:
     """Test accuracy at every evaluation against cumulative bytes up + down (log axis)."""
+    from matplotlib.ticker import FuncFormatter
+
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8), constrained_layout=True)
     methods_xis: dict[str, list[float]] = {}
     for g in groups:
         methods_xis.setdefault(g.method, []).append(g.xi_target)
+    most_points = 0
     for g in groups:
         x, mean, std = g.curve()
         if len(x) == 0:
             continue
+        most_points = max(most_points, len(x))
         xis = sorted(methods_xis[g.method])
-        # Shades of the method's colour by ξ, so that the ADC lines read as one family.
-        shade = (
-            1.0 if len(xis) == 1 else 0.45 + 0.55 * (1 - xis.index(g.xi_target) / (len(xis) - 1))
-        )
+        # Tints of the method's colour by ξ (darkest: the strongest compression), so that one
+        # method's lines read as a family.
+        tint = 0.0 if len(xis) == 1 else 0.6 * xis.index(g.xi_target) / (len(xis) - 1)
         label = LABELS.get(g.method, g.method) + (
             "" if g.method == "base" else f" ξ={g.xi_target:g}"
         )
-        line = ax.plot(
+        color = _tint(COLORS.get(g.method, "k"), tint)
+        ax.plot(
             x / GIB,
             mean,
             marker=MARKERS.get(g.method, "o"),
-            ms=4,
-            color=COLORS.get(g.method, "k"),
-            alpha=shade,
+            ms=4 if len(x) > 2 else 9,
+            color=color,
+            mec="k" if len(x) <= 2 else color,
+            mew=0.5,
             lw=1.8 if g.method == "base" else 1.4,
             label=label,
-        )[0]
+        )
         if len(g.runs) > 1:
-            ax.fill_between(x / GIB, mean - std, mean + std, color=line.get_color(), alpha=0.1)
+            ax.fill_between(x / GIB, mean - std, mean + std, color=color, alpha=0.15, lw=0)
     model, dataset = _setting(groups)
     ax.set_xscale("log")
+    # Readable numbers also when the runs span less than a decade (equal budgets do).
+    plain = FuncFormatter(lambda v, _: f"{v:.3g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("cumulative communication, uplink + downlink (GiB, log scale)")
     ax.set_ylabel("test accuracy")
-    ax.set_title(title or f"{dataset}, {model}: accuracy vs bytes sent", fontsize=10)
+    default = f"{dataset}, {model}: test accuracy vs bytes sent"
+    if most_points <= 1:
+        default += "\n(one evaluation per run: `sweep run --evals N` gives curves)"
+    ax.set_title(title or default, fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     fig.savefig(path, dpi=130)
     plt.close(fig)
 

@@ -16,23 +16,25 @@ root) split the grid between them: each run is claimed with a lock file first.
 Each method has its own compression knob; :func:`method_knobs` maps a target ξ to the knob whose
 paper-compatible ξ (ADC_SPEC §3, §5) is closest:
 
-=========  ====================  ======================================================
-method     knob                  rule
-=========  ====================  ======================================================
-adc        ``method.xi``         ξ itself (budgeted at its nominal ξ, as the paper does)
-c3sl       ``method.ratio``      the divisor R of the batch size closest to 1/ξ
-bottlenet  ``method.compression``  ξ (the achieved ξ is round(ξ·D)/D)
-topk       ``method.rate``       r solving ξ = ½[r(1 + ⌈log₂(B·N·D)⌉/32) + r]
-randtopk   ``method.rate``       as topk
-quantize   ``method.bits``       round(32ξ), at least 1
-fedlite    ``num_subvectors``,   the (q, L) closest to ξ; ξ ≥ 0.5 only (the downlink is
-           ``num_centroids``     the dense gradient), other targets are skipped
-base       —                     ξ = 1, one run per seed whatever the ξ grid
-=========  ====================  ======================================================
+=========  =========================  ==================================================
+method     knob                       rule
+=========  =========================  ==================================================
+adc        ``method.xi``              ξ itself (budgeted at its nominal ξ, as the paper)
+c3sl       ``method.ratio``           the divisor R of the batch size closest to 1/ξ
+bottlenet  ``method.compression``     ξ (the achieved ξ is round(ξ·D)/D)
+topk       ``method.rate``            r solving ξ = ½[r(1 + ⌈log₂(B·N·D)⌉/32) + r]
+randtopk   ``method.rate``            as topk
+quantize   ``method.bits``            round(32ξ), at least 1
+fedlite    ``method.num_subvectors``  the (q, L) closest to ξ; ξ ≥ 0.5 only (the
+           ``method.num_centroids``   downlink is the dense gradient), else skipped
+base       —                          ξ = 1, one run per seed whatever the ξ grid
+=========  =========================  ==================================================
 
 Runs go in the order Base, ADC, then the baselines, each by decreasing ξ (the cheapest runs
 first: fewer steps under the paper's budget), so a sweep cut short is missing the baselines'
-most expensive corner, not the method under study or a whole ξ.
+most expensive corner, not the method under study or a whole ξ. ``--evals N`` (default 10)
+spreads N test evaluations over each run, for the accuracy-vs-bytes curves; the config's own
+schedule evaluates once per epoch-equivalent of the budget only.
 """
 
 from __future__ import annotations
