@@ -273,12 +273,15 @@ class Dense(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, columns: slice | None = None) -> jax.Array:
+        """``x [..., in] → [..., out]``; with ``columns``, only those output features."""
         kernel = self.param("kernel", _DENSE_INIT, (x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        if columns is not None:
+            kernel, bias = kernel[:, columns], bias[columns]
         y = x.reshape(-1, x.shape[-1]).astype(self.dtype) @ kernel.astype(self.dtype)
         y = y + bias.astype(self.dtype)
-        return y.reshape(*x.shape[:-1], self.features)
+        return y.reshape(*x.shape[:-1], kernel.shape[1])
 
 
 def _dense(features: int, name: str, dtype: Dtype) -> Dense:
@@ -328,8 +331,9 @@ class Attention(nn.Module):
     Input ``[B, N, D]``. Returns ``(out [B, N, D], cls_attention [B, N] float32 or None)``, where
     ``cls_attention`` is row 0 (the CLS query) of the post-softmax attention, averaged over heads.
 
-    With ``select``: the CLS row is computed first, ``positions, aux = select(cls_attention)``
-    (no gradient), and only the query rows at ``positions [B, k]`` are computed. Returns
+    With ``select``: keys and values are computed for all N tokens, the query and the attention
+    row of CLS first, then ``positions, aux = select(cls_attention)`` (no gradient), then queries,
+    attention rows and the output projection only at ``positions [B, k]``. Returns
     ``(out [B, k, D], cls_attention [B, N], (positions, aux))``; ``out[b, j]`` equals the full
     output at ``positions[b, j]`` (keys and values still come from all N tokens).
     """
@@ -348,21 +352,28 @@ class Attention(nn.Module):
         # columns are timm's attn.qkv rows: [q (head 0..H-1), k (…), v (…)], each head hd wide.
         # Split, not indexed: the gradient of a split is one concatenation; that of three index
         # slices is three zero-padded copies of the whole qkv tensor, summed.
-        qkv = _dense(3 * d, "qkv", self.dtype)(x)
-        q, k, v = jnp.split(qkv, 3, axis=2)  # [B, N, D] each
+        qkv = _dense(3 * d, "qkv", self.dtype)
         # Scaling q (B·N·D values) instead of the logits (B·H·N·N) is the same up to rounding
         # (exact when hd is a power of 4, as in every DeiT), and saves a pass over the logits.
-        q = q * jnp.asarray(hd**-0.5, q.dtype)
-        k, v = _heads(k, h), _heads(v, h)  # [B, H, N, hd]
+        scale = jnp.asarray(hd**-0.5, self.dtype)
         selection = None
+        if select is None:
+            q, k, v = jnp.split(qkv(x), 3, axis=2)  # [B, N, D] each
+            q = q * scale
+        else:
+            # Keys and values for every token; queries only for CLS (the scores), then for the
+            # rows the selector keeps.
+            k, v = jnp.split(qkv(x, columns=slice(d, 3 * d)), 2, axis=2)
+        k, v = _heads(k, h), _heads(v, h)  # [B, H, N, hd]
         if select is not None:
-            # The CLS row alone gives the scores; the selector then names the rows still needed.
+            q_cls = qkv(x[:, :1], columns=slice(0, d)) * scale
             # Same kernel as the full path's row 0, so both paths rank tokens by the same numbers.
-            cls_row = attention(*jax.lax.stop_gradient((_heads(q[:, :1], h), k, v)))[1]
+            cls_row = attention(*jax.lax.stop_gradient((_heads(q_cls, h), k, v)))[1]
             cls_attention = cls_row.mean(axis=1)  # [B, N]
             positions, aux = select(cls_attention)
             selection = (positions, aux)
-            q = jnp.take_along_axis(q, positions[:, :, None], axis=1)  # [B, k, D]
+            kept = jnp.take_along_axis(x, positions[:, :, None], axis=1)  # [B, k, D]
+            q = qkv(kept, columns=slice(0, d)) * scale
         out, first_row = attention(_heads(q, h), k, v)  # [B, H, n_q, hd], [B, H, N]
         out = out.transpose(0, 2, 1, 3).reshape(b, q.shape[1], d)  # heads back to features
         out = _dense(d, "proj", self.dtype)(out)
@@ -519,9 +530,10 @@ class Client(nn.Module):
 
     ``__call__(images, select)`` with a :data:`Selector` computes only what is used downstream
     when each sample keeps ``k`` of its ``N`` output tokens chosen from the scores (ADC): the last
-    block computes q/k/v for all tokens and the CLS attention row, calls ``select(scores) ->
-    (positions [B, k], aux)``, then computes attention, ``proj``, residual and MLP only at those
-    positions (about ``1 − k/N`` of the block, forward and backward). Returns ``(tokens [B, k, D],
+    block computes keys and values for all tokens and the CLS attention row, calls
+    ``select(scores) -> (positions [B, k], aux)``, then computes queries, attention, ``proj``,
+    residual and MLP only at those positions (most of the block, forward and backward, shrinks
+    by ``1 − k/N``). Returns ``(tokens [B, k, D],
     scores [B, N], aux)`` with ``tokens[b, j]`` equal (to float rounding) to the full output at
     ``positions[b, j]``, gradients included.
     """
