@@ -32,6 +32,12 @@ Records (every one carries the device, versions, XLA flags and the 1-minute load
 
 ``--dtype bfloat16`` (compute dtype of the model) and ``--no-donate`` (no buffer donation) are
 there so that accelerator choices are visible in the same script; on a CPU neither helps.
+
+Environment: unless ``--xla-default``, the XLA CPU flags of ``common.TUNED_CPU_XLA_FLAGS`` are
+added to ``XLA_FLAGS``; the grid also runs every process (PyTorch's too) with
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` unless ``--no-thp`` (see ``common.THP_GLIBC_TUNABLES``).
+For a single configuration, set it yourself: ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python
+benchmarks/step.py ...``. Every record names the flags and tunables it ran with.
 """
 
 from __future__ import annotations
@@ -51,7 +57,14 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import configure_xla, emit, environment, peak_memory, timed  # noqa: E402
+from common import (  # noqa: E402
+    THP_GLIBC_TUNABLES,
+    configure_xla,
+    emit,
+    environment,
+    peak_memory,
+    timed,
+)
 
 from adc_jax import augment, split, vit  # noqa: E402
 from adc_jax.kmeans import kmeans  # noqa: E402
@@ -92,6 +105,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--torch-python",
         help="with --grid: an interpreter with torch + timm; runs benchmarks/torch_step.py per "
         "batch size (2 threads) and reports our Base step over PyTorch's",
+    )
+    p.add_argument(
+        "--no-thp",
+        dest="thp",
+        action="store_false",
+        help="with --grid: do not set GLIBC_TUNABLES=glibc.malloc.hugetlb=1 for the runs",
     )
     p.add_argument("--batches", type=int, nargs="+", default=list(GRID_BATCHES))
     p.add_argument("--xis", type=float, nargs="+", default=list(GRID_XIS))
@@ -347,8 +366,12 @@ def run_grid(args) -> list[dict[str, Any]]:
             ]
             for b in args.batches
         ]
+    env = dict(os.environ)
+    if args.thp:  # for JAX and PyTorch alike
+        tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+        env["GLIBC_TUNABLES"] = ":".join([*tunables, THP_GLIBC_TUNABLES])
     for command in commands:
-        out = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
+        out = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True, env=env).stdout
         for line in out.splitlines():
             record = json.loads(line)
             emit(record)

@@ -57,6 +57,7 @@ def environment(threads: int) -> dict:
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "torch_threads": threads,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "load_1min": round(os.getloadavg()[0], 2),
     }
 
