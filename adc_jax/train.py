@@ -290,12 +290,24 @@ class Checkpoints:
 
 
 class MetricsWriter:
-    """JSON lines in ``metrics.jsonl``; only process 0 writes."""
+    """JSON lines in ``metrics.jsonl``; only process 0 writes.
 
-    def __init__(self, workdir: str):
+    A run resumed from step ``start`` first drops the rows of steps after ``start``: they were
+    written by the interrupted process after its last checkpoint and the resumed run writes
+    its own, so the file holds one trajectory.
+    """
+
+    def __init__(self, workdir: str, start: int = 0):
         self._file = None
         if jax.process_index() == 0:
-            self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+            path = os.path.join(workdir, "metrics.jsonl")
+            kept = []
+            if os.path.exists(path):
+                with open(path) as f:
+                    kept = [line for line in f if _row_step(line) <= start]
+            with open(path, "w") as f:
+                f.writelines(kept)
+            self._file = open(path, "a")  # noqa: SIM115
 
     def write(self, record: dict[str, Any]) -> None:
         if self._file is not None:
@@ -305,6 +317,14 @@ class MetricsWriter:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+
+
+def _row_step(line: str) -> float:
+    """The step of a ``metrics.jsonl`` line; a torn last line (killed mid-write) counts as after."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _to_python(metrics) -> dict[str, float]:
@@ -374,7 +394,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = checkpoints.restore(exp.initial_state) or exp.initial_state
     start = int(state.step)
     state = split.replicate(state, exp.devices)
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, start)
     step_fn = exp.programs.fused_step if config.fused_step else exp.programs.split_step
     batches = data_lib.TrainIterator(
         open_data(config, "train"),

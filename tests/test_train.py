@@ -86,6 +86,8 @@ def test_restarted_run_continues_exactly(tiny, tmp_path):
     interrupted = tiny.copy_and_resolve_references()
     interrupted.budget.max_steps = 3  # "killed" after step 3 (its checkpoint is written)
     train.train_and_evaluate(interrupted, str(parts))
+    with open(parts / "metrics.jsonl", "a") as f:  # what a process killed after step 3 left
+        f.write('{"step": 5, "loss": 123.0}\n{"step": 6, "lo')
     summary = train.train_and_evaluate(tiny, str(parts))  # the same command again
     assert summary["resumed_from_step"] == 3
 
@@ -94,7 +96,9 @@ def test_restarted_run_continues_exactly(tiny, tmp_path):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     losses = lambda rows: {r["step"]: r["loss"] for r in rows if "loss" in r and r["step"] != 3}
-    assert losses(read_metrics(whole)) == losses(read_metrics(parts))
+    assert losses(read_metrics(whole)) == losses(read_metrics(parts))  # one trajectory
+    steps = [r["step"] for r in read_metrics(parts) if "loss" in r]
+    assert steps == sorted(steps) and 123.0 not in losses(read_metrics(parts)).values()
 
 
 def test_budget_buys_steps_in_proportion_to_xi(tiny):
