@@ -36,3 +36,25 @@ def fashion_dir(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("tfds_fashion")
     data.prepare("fashion_mnist", data_dir)
     return data_dir
+
+
+# ---- The tiny split ViT of test_split.py and test_select.py (tests/split_kit.py) ---------------
+
+
+@pytest.fixture(scope="session")
+def model():
+    import split_kit
+
+    return split_kit.make_model()
+
+
+@pytest.fixture(scope="session")
+def params(model):
+    return model.init(jax.random.key(0))
+
+
+@pytest.fixture(scope="session")
+def batch():
+    import split_kit
+
+    return split_kit.make_batch()

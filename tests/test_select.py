@@ -9,56 +9,18 @@ on one device under ``jit`` and on eight under ``pmap`` with one client spread o
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from split_kit import B, C, assert_trees_close, fresh_state, make_protocol
 
-from adc_jax import split, vit
+from adc_jax import split
 from adc_jax.compress import cluster, compress, merge
-from adc_jax.methods import ADC, Base, CutShape
+from adc_jax.methods import ADC, Base
 
-B, C = 16, 10
 RTOL, ATOL = 1e-5, 1e-6
 
 
-@pytest.fixture(scope="module")
-def model():
-    return vit.make_model("vit_test_patch4_16", split_index=2, num_classes=C)
-
-
-@pytest.fixture(scope="module")
-def params(model):
-    return model.init(jax.random.key(0))
-
-
-@pytest.fixture(scope="module")
-def batch():
-    images = jax.random.normal(jax.random.key(1), (B, 16, 16, 3))
-    return {"image": images, "label": jnp.arange(B, dtype=jnp.int32) % C}
-
-
 def protocol(model, method, select_in_client, **kwargs):
-    # SGD: Adam would turn rounding noise on exactly-zero gradients into ±lr steps.
-    return split.Protocol(
-        client_apply=model.apply_client,
-        server_apply=model.apply_server,
-        method=method,
-        num_classes=C,
-        client_tx=optax.sgd(0.1),
-        server_tx=optax.sgd(0.1),
-        select_in_client=select_in_client,
-        **kwargs,
-    )
-
-
-def fresh_state(proto, model, params, batch_size=B):
-    cut = CutShape(batch_size, model.seq_len, model.width, C)
-    state = split.init_state(proto, jax.random.key(2), params["client"], params["server"], cut)
-    return jax.tree.map(jnp.copy, state)
-
-
-def assert_trees_close(a, b, rtol=RTOL, atol=ATOL):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+    return make_protocol(model, method, select_in_client=select_in_client, **kwargs)
 
 
 # ---- The model: selected rows of the last block == the same rows of the full block ------------

@@ -7,61 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from split_kit import B, C, assert_trees_close, fresh_state, make_protocol
 
-from adc_jax import compression_plan, split, vit
+from adc_jax import compression_plan, split
 from adc_jax.link import Channel, awgn, link, uniform_quantize
 from adc_jax.methods import ADC, Base, CutShape, step_cost
-
-B, C = 16, 10
-
-
-@pytest.fixture(scope="module")
-def model():
-    return vit.make_model("vit_test_patch4_16", split_index=2, num_classes=C)
-
-
-@pytest.fixture(scope="module")
-def params(model):
-    return model.init(jax.random.key(0))
-
-
-@pytest.fixture(scope="module")
-def batch():
-    images = jax.random.normal(jax.random.key(1), (B, 16, 16, 3))
-    labels = jnp.arange(B, dtype=jnp.int32) % C
-    return {"image": images, "label": labels}
-
-
-def make_protocol(model, method, **kwargs):
-    # SGD, not Adam: the key bias of attention has an exactly-zero gradient (softmax ignores a
-    # constant shift), and Adam would turn its rounding noise into ±lr steps that differ between
-    # two equally correct programs.
-    return split.Protocol(
-        client_apply=model.apply_client,
-        server_apply=model.apply_server,
-        method=method,
-        num_classes=C,
-        client_tx=optax.sgd(0.1),
-        server_tx=optax.sgd(0.1),
-        **kwargs,
-    )
-
-
-def fresh_state(protocol, model, params, batch_size=B):
-    cut = CutShape(batch_size, model.seq_len, model.width, C)
-    state = split.init_state(protocol, jax.random.key(2), params["client"], params["server"], cut)
-    return jax.tree.map(jnp.copy, state)  # the programs donate their inputs
 
 
 def run(step_fn, state, batch, steps=3):
     for _ in range(steps):
         state, metrics = step_fn(state, batch)
     return state, metrics
-
-
-def assert_params_close(a, b, rtol=1e-5, atol=1e-6):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +44,8 @@ def test_split_protocol_equals_fused_step(
     )
     separate, metrics = three_steps
     assert int(separate.step) == int(fused.step) == 3
-    assert_params_close(separate.client.params, fused.client.params)
-    assert_params_close(separate.server.params, fused.server.params)
+    assert_trees_close(separate.client.params, fused.client.params)
+    assert_trees_close(separate.server.params, fused.server.params)
     np.testing.assert_allclose(metrics["loss"], fused_metrics["loss"], rtol=1e-5)
     # Training moved the parameters (the comparison is not between two untouched copies).
     moved = jax.tree.map(
@@ -114,8 +70,8 @@ def test_one_device_equals_eight(model, params, batch_size):
             state, metrics = programs.split_step(state, split.shard_batch(data, devices))
         results.append((split.unreplicate(state), np.asarray(metrics["loss"])[0]))
     (one, loss_one), (eight, loss_eight) = results
-    assert_params_close(one.client.params, eight.client.params)
-    assert_params_close(one.server.params, eight.server.params)
+    assert_trees_close(one.client.params, eight.client.params)
+    assert_trees_close(one.server.params, eight.server.params)
     np.testing.assert_allclose(loss_one, loss_eight, rtol=1e-5)
 
 
@@ -206,7 +162,7 @@ def test_identity_link_delivers_the_true_gradient(adc_protocol, model, params, b
         return optax.softmax_cross_entropy(logits, sent.labels).mean()
 
     expected = jax.jit(jax.grad(end_to_end))(state.client.params)
-    assert_params_close(client_grads["model"], expected["model"], rtol=1e-4, atol=1e-7)
+    assert_trees_close(client_grads["model"], expected["model"], rtol=1e-4, atol=1e-7)
 
 
 def test_awgn_noise_matches_the_drawn_snr():
