@@ -101,6 +101,24 @@ def timed(fn: Callable[[], Any], steps: int, warmup: int = 1) -> dict[str, Any]:
     return summary(times, first)
 
 
+def timed_interleaved(
+    fns: dict[str, Callable[[], Any]], steps: int, warmup: int = 1
+) -> dict[str, dict[str, Any]]:
+    """:func:`timed` for several functions whose times will be compared, one call of each in
+    turn per round: a slow spell of the machine (a shared or virtual CPU has them) then lands on
+    all of them alike instead of on whichever happened to run during it."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            jax.block_until_ready(fn())
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(steps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - start)
+    return {name: summary(t) for name, t in times.items()}
+
+
 def summary(times: list[float], first: float | None = None) -> dict[str, Any]:
     out = {
         "median_s": statistics.median(times),

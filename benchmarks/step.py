@@ -14,10 +14,12 @@ Records (every one carries the device, versions, XLA flags and the 1-minute load
   ``server_step`` and ``client_backward`` are the three jitted programs of
   :func:`adc_jax.split.jit_programs`, timed one at a time; ``step`` is the three run back to back
   (:meth:`~adc_jax.split.Programs.split_step`, one wait at the end); ``fused_step`` is the
-  single-program step. ``compress`` is the method's encoder alone on the client's output (ADC:
-  K-means, token selection, gather and merge: everything ADC adds), ``compress_fwd_bwd`` the same
-  with its backward pass. Both are measured outside the step; inside the step the ADC client runs
-  the cheaper form (clustering, then merging of the kept tokens only).
+  single-program step; these two are timed alternately (one call of each per round), so that
+  their ratio compares calls made under the same machine conditions. ``compress`` is the
+  method's encoder alone on the client's output (ADC: K-means, token selection, gather and
+  merge: everything ADC adds), ``compress_fwd_bwd`` the same with its backward pass. Both are
+  measured outside the step; inside the step the ADC client runs the cheaper form (clustering,
+  then merging of the kept tokens only).
 * ``record="memory"``: peak bytes for the configuration (``peak_source``: ``device`` allocator
   statistics where the backend has them, else ``process_max_rss``: each configuration of a grid
   runs in its own process so that the maximum RSS is its own).
@@ -64,6 +66,7 @@ from common import (  # noqa: E402
     environment,
     peak_memory,
     timed,
+    timed_interleaved,
 )
 
 from adc_jax import augment, split, vit  # noqa: E402
@@ -205,14 +208,15 @@ def bench_config(args) -> list[dict[str, Any]]:
         state, m = programs.split_step(state, batch)
         return state, m
 
-    add("step", timed(split_call, steps, 0), first_s=round(first[0], 4))
-
     def fused_call():
         nonlocal state
         state, m = programs.fused_step(state, batch)
         return state, m
 
-    add("fused_step", timed(fused_call, steps, warmup))
+    # Alternated, so that split / fused compares calls made under the same machine conditions.
+    both = timed_interleaved({"step": split_call, "fused_step": fused_call}, steps, warmup)
+    add("step", both["step"], first_s=round(first[0], 4))
+    add("fused_step", both["fused_step"])
 
     # ---- The method's encoder alone (ADC: everything ADC adds to the step) -----------------
     _bench_compress(args, model, protocol, state, batch, add)
