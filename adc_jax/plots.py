@@ -274,6 +274,26 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
             writer.writerow({k: row[k] for k in TABLE_COLUMNS})
 
 
+def _accuracy_cell(row: dict[str, Any]) -> str:
+    """``mean ± std``; the mean alone for one seed (a spread of one run is not a measurement)."""
+    if row["n_seeds"] < 2:
+        return f"{row['accuracy_mean']:.4f}"
+    return f"{row['accuracy_mean']:.4f} ± {row['accuracy_std']:.4f}"
+
+
+def _readable_ticks(values: Iterable[float], min_ratio: float = 1.15) -> list[float]:
+    """Sorted ``values`` thinned so that no two ticks sit closer than ``min_ratio`` on a log axis;
+    of two close values the shorter one to write (0.1 rather than 0.0938) is kept."""
+    kept: list[float] = []
+    for value in sorted(values):
+        if kept and value / kept[-1] < min_ratio:
+            if len(f"{value:.3g}") < len(f"{kept[-1]:.3g}"):
+                kept[-1] = value
+            continue
+        kept.append(value)
+    return kept
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], groups: Sequence[Group] = ()) -> str:
     """The rows as a Markdown table (accuracy as mean ± std; ``*``: wall time of a resumed run)."""
     resumed = {g.key for g in groups if any(r.resumed for r in g.runs)}
@@ -287,7 +307,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], groups: Sequence[Group] = ())
         lines.append(
             f"| {LABELS.get(row['method'], row['method'])} | {row['xi_target']:g} | "
             f"{row['xi_paper']:.4f} | {row['xi_measured']:.4f} | "
-            f"{row['accuracy_mean']:.4f} ± {row['accuracy_std']:.4f} | {row['n_seeds']} | "
+            f"{_accuracy_cell(row)} | {row['n_seeds']} | "
             f"{row['steps']} | {row['gib_up']:.3f} | {row['gib_down']:.3f} | "
             f"{row['wall_seconds']:.0f}{'*' if key in resumed else ''} |"
         )
@@ -392,16 +412,16 @@ def plot_accuracy_vs_xi(groups: Sequence[Group], path: str, *, title: str | None
         ticks.update(adc)
     ax.set_xscale("log")
     if ticks:
-        ticks = sorted(ticks)
+        ticks = _readable_ticks(ticks)
         ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks], rotation=45 if len(ticks) > 6 else 0)
         ax.minorticks_off()
     ax.set_xlabel("compression ratio ξ (paper-compatible, log scale)")
     ax.set_ylabel("final test accuracy")
     seeds = sorted({len(g.runs) for g in groups})
+    spread = "1 seed" if seeds == [1] else f"mean ± std over {'/'.join(map(str, seeds))} seeds"
     ax.set_title(
         title
-        or f"{dataset}, {model}: accuracy vs ξ (mean ± std over {'/'.join(map(str, seeds))} "
-        f"seed{'s' if seeds != [1] else ''})"
+        or f"{dataset}, {model}: accuracy vs ξ ({spread})"
         + ("\nhollow/dashed: paper's numbers" if reference else ""),
         fontsize=10,
     )
@@ -497,10 +517,10 @@ def plot_sweep(
     model, dataset = _setting(groups)
     notes = (
         f"Runs under `{root}`: {dataset}, {model}. Accuracy: final test accuracy (uncompressed "
-        "evaluation), mean ± sample std over seeds. ξ paper: the paper-compatible ratio used "
-        "for the budget; ξ measured: (ξ_up + ξ_down)/2 from exact bytes. GiB: cumulative over "
-        "the run. Wall time: seconds per run (`*`: the run was resumed and this counts only "
-        "its last invocation).\n"
+        "evaluation), mean ± sample std over seeds (the value alone for one seed). ξ paper: "
+        "the paper-compatible ratio used for the budget; ξ measured: (ξ_up + ξ_down)/2 from "
+        "exact bytes. GiB: cumulative over the run. Wall time: seconds per run (`*`: the run "
+        "was resumed and this counts only its last invocation).\n"
     )
     devices = sorted({r.device for r in runs})
     notes += f"\nDevices: {', '.join(devices)} (per run).\n"

@@ -254,6 +254,7 @@ def test_plots_average_seeds_and_draw_the_paper_reference(tmp_path):
     assert [int(r["n_seeds"]) for r in rows] == [2, 2, 1]
     table = (tmp_path / "out" / "fig_accuracy.md").read_text()
     assert "| ADC | 0.1 | 0.1000 | 0.1100 | 0.7200 ± 0.0283 | 2 |" in table
+    assert "| Top-K | 0.1 | 0.1000 | 0.1100 | 0.6000 | 1 |" in table  # no spread for one seed
     assert "paper" in table and "| ADC | 0.1 | 0.771 |" in table and "| Top-K | 0.136 |" in table
     assert "Unfinished (not plotted): `c3sl-xi0.1-s0`" in table
     assert [r["method"] for r in read_csv(tmp_path / "out" / "fig_bytes.csv")] == ["adc"]
@@ -266,3 +267,9 @@ def test_paper_reference_only_for_the_papers_settings():
         0.589,
     )
     assert plots.paper_reference("vit_mini_patch4_28", "fashion_mnist") is None
+
+
+def test_xi_ticks_do_not_overlap():
+    # BottleNet++ and quantisation land at ξ 0.0938 beside ADC's 0.1: one tick, the round one.
+    assert plots._readable_ticks([0.5, 0.1, 0.0938, 0.125, 0.25, 0.1]) == [0.1, 0.125, 0.25, 0.5]
+    assert plots._readable_ticks([0.01, 0.1, 1.0]) == [0.01, 0.1, 1.0]
