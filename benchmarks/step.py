@@ -36,10 +36,11 @@ Records (every one carries the device, versions, XLA flags and the 1-minute load
 there so that accelerator choices are visible in the same script; on a CPU neither helps.
 
 Environment: unless ``--xla-default``, the XLA CPU flags of ``common.TUNED_CPU_XLA_FLAGS`` are
-added to ``XLA_FLAGS``; the grid also runs every process (PyTorch's too) with
-``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` unless ``--no-thp`` (see ``common.THP_GLIBC_TUNABLES``).
-For a single configuration, set it yourself: ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python
-benchmarks/step.py ...``. Every record names the flags and tunables it ran with.
+added to ``XLA_FLAGS``; the grid also runs every process (PyTorch's too) with tcmalloc preloaded
+when the system has it, else with glibc's huge-page tunable (``--malloc``; why: the comment in
+``benchmarks/common.py``). For a single configuration, set it yourself:
+``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python benchmarks/step.py ...``.
+Every record names the flags and tunables it ran with.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    THP_GLIBC_TUNABLES,
+    ALLOCATORS,
+    allocator_env,
     configure_xla,
     emit,
     environment,
@@ -110,10 +112,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "batch size (2 threads) and reports our Base step over PyTorch's",
     )
     p.add_argument(
-        "--no-thp",
-        dest="thp",
-        action="store_false",
-        help="with --grid: do not set GLIBC_TUNABLES=glibc.malloc.hugetlb=1 for the runs",
+        "--malloc",
+        choices=ALLOCATORS,
+        default="auto",
+        help="with --grid: the runs' allocator (JAX's and PyTorch's alike): tcmalloc (preloaded), "
+        "thp (glibc with huge pages), system (as the environment has it), auto (tcmalloc if "
+        "installed, else thp); see common.allocator_env",
     )
     p.add_argument("--batches", type=int, nargs="+", default=list(GRID_BATCHES))
     p.add_argument("--xis", type=float, nargs="+", default=list(GRID_XIS))
@@ -370,10 +374,7 @@ def run_grid(args) -> list[dict[str, Any]]:
             ]
             for b in args.batches
         ]
-    env = dict(os.environ)
-    if args.thp:  # for JAX and PyTorch alike
-        tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
-        env["GLIBC_TUNABLES"] = ":".join([*tunables, THP_GLIBC_TUNABLES])
+    env = allocator_env(args.malloc, os.environ)  # for JAX and PyTorch alike
     for command in commands:
         out = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True, env=env).stdout
         for line in out.splitlines():

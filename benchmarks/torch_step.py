@@ -58,6 +58,7 @@ def environment(threads: int) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": threads,
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "ld_preload": os.environ.get("LD_PRELOAD", ""),
         "load_1min": round(os.getloadavg()[0], 2),
     }
 

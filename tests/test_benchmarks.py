@@ -70,3 +70,20 @@ def test_grid_summary_and_targets(step):
     assert targets["adc_overhead_over_step_B128"]["value"] == pytest.approx(0.02)
     assert targets["split_over_fused_max"]["met"]  # 1.11 <= 1.15
     assert "| 64 | adc | 0.1 |" in step.markdown(records + out)
+
+
+def test_allocator_env(monkeypatch, tmp_path):
+    common = load("common")
+    fake = tmp_path / "libtcmalloc_minimal.so.4"
+    fake.write_bytes(b"")
+    monkeypatch.setattr(common, "LIBRARY_DIRS", (str(tmp_path),))
+    env = {"LD_PRELOAD": "/x/libother.so", "GLIBC_TUNABLES": "glibc.a=1"}
+    assert common.allocator_env("auto", env)["LD_PRELOAD"] == f"{fake}:/x/libother.so"
+    assert common.allocator_env("thp", env)["GLIBC_TUNABLES"] == "glibc.a=1:glibc.malloc.hugetlb=1"
+    assert common.allocator_env("system", env) == env
+    fake.unlink()  # no tcmalloc: auto falls back to huge pages, tcmalloc says what to install
+    assert common.allocator_env("auto", {})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    with pytest.raises(FileNotFoundError, match="libtcmalloc-minimal4"):
+        common.allocator_env("tcmalloc", {})
+    with pytest.raises(ValueError, match="Unknown allocator"):
+        common.allocator_env("jemalloc", {})
