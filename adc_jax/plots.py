@@ -506,8 +506,9 @@ def plot_sweep(
 ) -> list[str]:
     """Writes both figures with their CSV and Markdown tables; returns the paths written.
 
-    The Markdown tables start with the sweep's command (``root/sweep_command.txt``, written by
-    ``python -m adc_jax.sweep run``), the devices the runs used and ``note`` (e.g. the machine).
+    The Markdown tables start with the sweep's commands (``root/sweep_command.txt``, appended to
+    by every ``python -m adc_jax.sweep run``; each distinct command once), the devices the runs
+    used and ``note`` (e.g. the machine).
     """
     runs, unfinished = load_runs(root)
     if not runs:
@@ -528,8 +529,10 @@ def plot_sweep(
     if os.path.exists(command_file):
         with open(command_file) as f:
             commands = [line.strip() for line in f if line.strip()]
+        commands = list(dict.fromkeys(commands))  # each distinct command once, first run first
         if commands:
-            notes += f"\nCommand:\n\n```\n{commands[-1]}\n```\n"
+            label = "Command" if len(commands) == 1 else "Commands (in the order first run)"
+            notes += f"\n{label}:\n\n```\n" + "\n".join(commands) + "\n```\n"
     if note:
         notes += f"\n{note.strip()}\n"
     if unfinished:

@@ -245,6 +245,9 @@ def test_plots_average_seeds_and_draw_the_paper_reference(tmp_path):
     os.makedirs(os.path.join(root, "c3sl-xi0.1-s0"))  # started, never finished
     open(os.path.join(root, "c3sl-xi0.1-s0", "sweep.json"), "w").write("{}")
 
+    with open(os.path.join(root, "sweep_command.txt"), "w") as f:  # a resumed sweep, then more
+        f.write("sweep run --seeds 0\nsweep run --seeds 0\nsweep run --seeds 1\n")
+
     written = plots.plot_sweep(root, str(tmp_path / "out" / "fig"), bytes_runs=["adc"])
     assert len(written) == 6
     rows = read_csv(tmp_path / "out" / "fig_accuracy.csv")
@@ -257,6 +260,7 @@ def test_plots_average_seeds_and_draw_the_paper_reference(tmp_path):
     assert "| Top-K | 0.1 | 0.1000 | 0.1100 | 0.6000 | 1 |" in table  # no spread for one seed
     assert "paper" in table and "| ADC | 0.1 | 0.771 |" in table and "| Top-K | 0.136 |" in table
     assert "Unfinished (not plotted): `c3sl-xi0.1-s0`" in table
+    assert "```\nsweep run --seeds 0\nsweep run --seeds 1\n```" in table
     assert [r["method"] for r in read_csv(tmp_path / "out" / "fig_bytes.csv")] == ["adc"]
 
 
