@@ -71,12 +71,14 @@ def allocator_env(allocator: str, env: dict[str, str]) -> dict[str, str]:
             f"No tcmalloc in {LIBRARY_DIRS} (Debian/Ubuntu: apt-get install libtcmalloc-minimal4)."
         )
     if tcmalloc is not None:
-        preload = [p for p in env.get("LD_PRELOAD", "").split(":") if p]
-        env["LD_PRELOAD"] = ":".join([tcmalloc, *preload])
+        env["LD_PRELOAD"] = ":".join([tcmalloc, *_colon_list(env, "LD_PRELOAD")])
     elif allocator in ("auto", "thp"):
-        tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
-        env["GLIBC_TUNABLES"] = ":".join([*tunables, THP_GLIBC_TUNABLES])
+        env["GLIBC_TUNABLES"] = ":".join([*_colon_list(env, "GLIBC_TUNABLES"), THP_GLIBC_TUNABLES])
     return env
+
+
+def _colon_list(env: dict[str, str], key: str) -> list[str]:
+    return [item for item in env.get(key, "").split(":") if item]
 
 
 def configure_xla(tuned: bool) -> None:
