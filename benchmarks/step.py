@@ -5,6 +5,7 @@ One configuration (model, batch, method, ξ) per call; JSON lines on stdout::
     python benchmarks/step.py --model deit_tiny_patch16_224 --batch 32 --method adc --xi 0.1
     python benchmarks/step.py --grid          # B ∈ {32, 64, 128} × {base, adc ξ=.5/.1/.01}
     python benchmarks/step.py --input --batch 128   # the input path only
+    python benchmarks/step.py --summarize runs.jsonl  # tables of records written earlier
 
 Records (every one carries the device, versions, XLA flags and the 1-minute load average):
 
@@ -29,11 +30,15 @@ Records (every one carries the device, versions, XLA flags and the 1-minute load
   loop ships it) and of a float32 batch at the model's resolution, their ``device_put`` times, and
   the time of the on-device augmentation (:func:`adc_jax.augment.train_augment`: RandAugment,
   colour jitter, resize to the model's size, flip, normalise) per batch.
-* with ``--grid``: ``record="summary"`` (step(ξ)/step(Base), ADC overhead, split/fused) and
-  ``record="target"`` (the performance targets, met or not); a Markdown table on stderr.
+* with ``--grid`` (or ``--summarize``): ``record="summary"`` (step(ξ)/step(Base), ADC overhead,
+  split/fused, images/s) and ``record="target"`` (the performance targets of issue #8, met or
+  not); a Markdown table on stderr (stdout with ``--summarize``).
 
 ``--dtype bfloat16`` (compute dtype of the model) and ``--no-donate`` (no buffer donation) are
-there so that accelerator choices are visible in the same script; on a CPU neither helps.
+there so that accelerator choices are visible in the same script; on a CPU neither helps. Records
+carry them, and the tables keep each combination (the *variant*) apart; step/Base compares within
+a variant, and the targets read the default one (float32, donated). ``benchmarks/gpu.sh`` runs the
+set for a GPU.
 
 Environment: unless ``--xla-default``, the XLA CPU flags of ``common.TUNED_CPU_XLA_FLAGS`` are
 added to ``XLA_FLAGS``; the grid also runs every process (PyTorch's too) with tcmalloc preloaded
@@ -51,6 +56,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -118,6 +124,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="with --grid: the runs' allocator (JAX's and PyTorch's alike): tcmalloc (preloaded), "
         "thp (glibc with huge pages), system (as the environment has it), auto (tcmalloc if "
         "installed, else thp); see common.allocator_env",
+    )
+    p.add_argument(
+        "--torch-device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="with --torch-python: where PyTorch runs (cpu: 2 threads)",
+    )
+    p.add_argument(
+        "--summarize",
+        nargs="+",
+        metavar="JSONL",
+        help="no timing: the ratios, targets and Markdown tables of records written earlier "
+        "(JSON-lines files of this script and torch_step.py)",
     )
     p.add_argument("--batches", type=int, nargs="+", default=list(GRID_BATCHES))
     p.add_argument("--xis", type=float, nargs="+", default=list(GRID_XIS))
@@ -363,15 +382,8 @@ def run_grid(args) -> list[dict[str, Any]]:
         commands += [
             [args.torch_python, torch_script, "--model", args.model, "--batch", str(b)]
             + ["--split-index", str(args.split_index), "--num-classes", str(args.num_classes)]
-            + [
-                "--steps",
-                str(args.steps),
-                "--warmup",
-                str(args.warmup),
-                "--threads",
-                "2",
-                "--split",
-            ]
+            + ["--steps", str(args.steps), "--warmup", str(args.warmup), "--split"]
+            + (["--device", "cuda"] if args.torch_device == "cuda" else ["--threads", "2"])
             for b in args.batches
         ]
     env = allocator_env(args.malloc, os.environ)  # for JAX and PyTorch alike
@@ -388,11 +400,24 @@ def run_grid(args) -> list[dict[str, Any]]:
     return records + extra
 
 
+DEFAULT_VARIANT = "float32"
+
+
+def variant(record) -> str:
+    """The accelerator choices a record ran with, in words: ``float32`` is the default (float32
+    compute, donated buffers, the ADC client's selected-token path)."""
+    words = [record.get("dtype", "float32")]
+    words += [] if record.get("donate", True) else ["no donation"]
+    words += [] if record.get("select_in_client", True) else ["no select"]
+    return ", ".join(words)
+
+
 def _times(records) -> dict[tuple, dict[str, float]]:
+    """Median times by (batch, method, ξ, variant) and phase, for our (JAX) records."""
     out: dict[tuple, dict[str, float]] = {}
     for r in records:
         if r.get("record") == "time" and r.get("framework", "jax") == "jax":
-            key = (r["batch"], r["method"], r["xi"])
+            key = (r["batch"], r["method"], r["xi"], variant(r))
             out.setdefault(key, {})[r["phase"]] = r["median_s"]
     return out
 
@@ -402,15 +427,18 @@ def summarize(records) -> list[dict[str, Any]]:
     env = environment()
     times = _times(records)
     out = []
-    for (b, method, xi), t in sorted(times.items()):
-        base_step = times.get((b, "base", 1.0), {}).get("step")
+    for (b, method, xi, kind), t in sorted(times.items()):
+        base_step = times.get((b, "base", 1.0, kind), {}).get("step")
         row = {
             "record": "summary",
             "batch": b,
             "method": method,
             "xi": xi,
+            "variant": kind,
             "step_s": t["step"],
             "fused_step_s": t["fused_step"],
+            "images_per_s": b / t["step"],
+            "fused_images_per_s": b / t["fused_step"],
             "split_over_fused": t["step"] / t["fused_step"],
             "step_over_base": t["step"] / base_step if base_step else None,
             "adc_overhead_over_step": (
@@ -423,24 +451,29 @@ def summarize(records) -> list[dict[str, Any]]:
         for r in records
         if r.get("record") == "time" and r.get("framework") == "torch"
     }
-    for r in out:
+    # The targets (and the PyTorch yardstick, float32) are about the default variant.
+    out_default = [r for r in out if r["variant"] == DEFAULT_VARIANT]
+    for r in out_default:
         torch_step = torch.get((r["batch"], "step"))
         if r["method"] == "base" and torch_step:
             r["torch_step_s"] = torch_step
             r["fused_over_torch"] = r["fused_step_s"] / torch_step
             r["torch_split_step_s"] = torch.get((r["batch"], "split_step"), torch_step)
             r["split_over_torch"] = r["step_s"] / r["torch_split_step_s"]
-    adc_128 = [r for r in out if r["method"] == "adc" and r["batch"] == 128]
-    adc_64 = [r for r in out if r["method"] == "adc" and r["batch"] == 64 and r["xi"] == 0.1]
+    adc_128 = [r for r in out_default if r["method"] == "adc" and r["batch"] == 128]
+    adc_64 = [
+        r for r in out_default if r["method"] == "adc" and r["batch"] == 64 and r["xi"] == 0.1
+    ]
     targets = []
     if adc_128:
         worst = max(r["adc_overhead_over_step"] for r in adc_128)
         targets.append(("adc_overhead_over_step_B128", worst, 0.03))
     if adc_64 and adc_64[0]["step_over_base"] is not None:
         targets.append(("adc_xi0.1_step_over_base_B64", adc_64[0]["step_over_base"], 0.30))
-    if out:
-        targets.append(("split_over_fused_max", max(r["split_over_fused"] for r in out), 1.15))
-    for r in out:
+    if out_default:
+        worst = max(r["split_over_fused"] for r in out_default)
+        targets.append(("split_over_fused_max", worst, 1.15))
+    for r in out_default:
         if "fused_over_torch" in r:
             targets.append((f"base_fused_over_torch_B{r['batch']}", r["fused_over_torch"], 1.0))
     for name, value, limit in targets:
@@ -460,20 +493,35 @@ def summarize(records) -> list[dict[str, Any]]:
 def markdown(records) -> str:
     """The grid as Markdown tables (times in seconds)."""
     times = _times(records)
-    lines = ["| B | method | ξ | " + " | ".join(PHASES) + " | split/fused | step/Base |"]
-    lines.append("|" + "---|" * (len(PHASES) + 5))
-    summaries = {(r["batch"], r["method"], r["xi"]): r for r in records if r["record"] == "summary"}
+    header = ["B", "method", "ξ", "variant", *PHASES, "split/fused", "step/Base", "images/s"]
+    header += ["peak GB"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    summaries = {
+        (r["batch"], r["method"], r["xi"], r["variant"]): r
+        for r in records
+        if r["record"] == "summary"
+    }
+    peaks = {
+        (r["batch"], r["method"], r["xi"], variant(r)): r["peak_bytes"]
+        for r in records
+        if r.get("record") == "memory" and r.get("framework", "jax") == "jax"
+    }
+    nan = float("nan")
     for key, t in sorted(times.items()):
         s = summaries.get(key, {})
-        cells = [f"{t.get(p, float('nan')):.4f}" for p in PHASES]
         ratio = s.get("step_over_base")
-        lines.append(
-            f"| {key[0]} | {key[1]} | {key[2]:g} | "
-            + " | ".join(cells)
-            + f" | {s.get('split_over_fused', float('nan')):.3f} | "
-            + (f"{ratio:.3f}" if ratio is not None else "–")
-            + " |"
-        )
+        cells = [str(key[0]), key[1], f"{key[2]:g}", key[3]]
+        cells += [f"{t.get(p, nan):.4f}" for p in PHASES]
+        cells += [f"{s.get('split_over_fused', nan):.3f}"]
+        cells += [f"{ratio:.3f}" if ratio is not None else "–"]
+        cells += [f"{s.get('images_per_s', nan):.0f}", f"{peaks.get(key, nan) / 1e9:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    inputs = [r for r in records if r.get("record") == "input"]
+    if inputs:
+        lines += ["", "| B | input path | host→device bytes | median ms |", "|---|---|---|---|"]
+        for r in sorted(inputs, key=lambda r: (r["batch"], r["phase"])):
+            size = r.get("bytes", "–")
+            lines.append(f"| {r['batch']} | {r['phase']} | {size} | {1e3 * r['median_s']:.3f} |")
     compared = [r for r in records if r.get("record") == "summary" and "torch_step_s" in r]
     if compared:
         lines += [
@@ -487,15 +535,30 @@ def markdown(records) -> str:
                 f"{r['fused_over_torch']:.3f} | {r['torch_split_step_s']:.3f} | "
                 f"{r['step_s']:.3f} | {r['split_over_torch']:.3f} |"
             )
-    for r in records:
-        if r.get("record") == "target":
-            verdict = "met" if r["met"] else "NOT met"
-            lines.append(f"\n{r['target']}: {r['value']:.4f} (limit {r['limit']}) {verdict}")
+    targets = [r for r in records if r.get("record") == "target"]
+    if targets:
+        lines.append("\nIssue #8's targets (set for its 2-core CPU; default variant only):")
+    for r in targets:
+        verdict = "met" if r["met"] else "NOT met"
+        lines.append(f"\n{r['target']}: {r['value']:.4f} (limit {r['limit']}) {verdict}")
     return "\n".join(lines)
+
+
+def report(paths: Sequence[str]) -> list[dict[str, Any]]:
+    """Summary records and Markdown tables (on stdout) of JSON-lines files written earlier."""
+    records = []
+    for path in paths:
+        with open(path) as f:
+            records += [json.loads(line) for line in f if line.strip()]
+    extra = summarize(records)
+    print(markdown(records + extra))
+    return records + extra
 
 
 def main(argv=None) -> list[dict[str, Any]]:
     args = parse_args(argv)
+    if args.summarize:
+        return report(args.summarize)
     configure_xla(args.xla_tuned)
     if args.grid:
         return run_grid(args)

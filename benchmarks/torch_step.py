@@ -3,6 +3,7 @@
 Run with an interpreter that has torch and timm (not dependencies of adc-jax)::
 
     /opt/torchenv/bin/python benchmarks/torch_step.py --batch 64 [--threads 2] [--split]
+    python3 benchmarks/torch_step.py --batch 128 --device cuda --split     # on a GPU
 
 ``phase="step"``: timm's ``deit_tiny_patch16_224`` (``pretrained=False``, ``--num-classes``
 head), forward through all blocks, cross-entropy, backward, ``Adam(1e-4)`` step — the Base step
@@ -11,6 +12,10 @@ CLS, position embedding, blocks ``0..l-1``) and the server (the rest) as two gra
 ``detach().requires_grad_()``, the server's gradient at the cut handed back to the client's
 backward, one Adam per side — the protocol of the split step without compression. Random
 float32 NCHW images, random labels. One JSON object per line, in the format of step.py.
+
+On CUDA each timed call ends in ``torch.cuda.synchronize()`` (as ours end in
+``block_until_ready``), and float32 matrix products may use TF32 (``--no-tf32`` to forbid it):
+XLA's default precision for float32 dots on such GPUs is TF32 too, so the two compare like for like.
 """
 
 from __future__ import annotations
@@ -39,10 +44,14 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--split", action="store_true", help="also time the client/server split step")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--no-tf32", dest="tf32", action="store_false", help="CUDA: float32 matmuls in full fp32"
+    )
     return p.parse_args(argv)
 
 
-def environment(threads: int) -> dict:
+def environment(threads: int, device: str) -> dict:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -50,7 +59,7 @@ def environment(threads: int) -> dict:
     except (OSError, StopIteration):
         pass
     return {
-        "device": "cpu:torch",
+        "device": f"cuda:{torch.cuda.get_device_name()}" if device == "cuda" else "cpu:torch",
         "torch": torch.__version__,
         "timm": timm.__version__,
         "python": platform.python_version(),
@@ -63,16 +72,19 @@ def environment(threads: int) -> dict:
     }
 
 
-def timed(fn, steps: int, warmup: int) -> dict:
+def timed(fn, steps: int, warmup: int, sync=lambda: None) -> dict:
+    """``sync`` waits for the device's queued work (CUDA), as ``block_until_ready`` does in JAX."""
     first = None
     for _ in range(warmup):
         start = time.perf_counter()
         fn()
+        sync()
         first = time.perf_counter() - start if first is None else first
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     out = {"median_s": statistics.median(times), "min_s": min(times)}
     out["times_s"] = [round(t, 6) for t in times]
@@ -120,11 +132,17 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = torch.device(args.device)
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
+    sync = torch.cuda.synchronize if cuda else lambda: None
     model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes)
-    model.train()
+    model.to(device).train()
     size = model.default_cfg["input_size"]
-    images = torch.randn(args.batch, *size)
-    labels = torch.randint(0, args.num_classes, (args.batch,))
+    images = torch.randn(args.batch, *size, device=device)
+    labels = torch.randint(0, args.num_classes, (args.batch,), device=device)
     base = {
         "model": args.model,
         "split_index": args.split_index,
@@ -133,10 +151,12 @@ def main(argv=None):
         "xi": 1.0,
         "dtype": "float32",
         "framework": "torch",
-        **environment(args.threads),
+        **environment(args.threads, args.device),
     }
+    if cuda:
+        base["tf32"] = args.tf32
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, eps=1e-8)
-    result = timed(lambda: base_step(model, opt, images, labels), args.steps, args.warmup)
+    result = timed(lambda: base_step(model, opt, images, labels), args.steps, args.warmup, sync)
     print(json.dumps({"record": "time", "phase": "step", **result, **base}), flush=True)
     if args.split:
         client_params = [
@@ -153,15 +173,14 @@ def main(argv=None):
         def step():
             split_step(model, client_opt, server_opt, images, labels, args.split_index)
 
-        result = timed(step, args.steps, args.warmup)
+        result = timed(step, args.steps, args.warmup, sync)
         print(json.dumps({"record": "time", "phase": "split_step", **result, **base}), flush=True)
-    peak = 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print(
-        json.dumps(
-            {"record": "memory", "peak_bytes": peak, "peak_source": "process_max_rss", **base}
-        ),
-        flush=True,
-    )
+    if cuda:
+        peak, source = torch.cuda.max_memory_allocated(), "device"
+    else:
+        peak, source = 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "process_max_rss"
+    memory = {"record": "memory", "peak_bytes": peak, "peak_source": source, **base}
+    print(json.dumps(memory), flush=True)
     return 0
 
 

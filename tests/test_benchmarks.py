@@ -47,9 +47,10 @@ def test_step_benchmark_prints_one_record_per_phase(step, capsys):
 def test_grid_summary_and_targets(step):
     """The ratio summary of --grid, on hand-made records (the grid itself takes minutes)."""
 
-    def rec(b, method, xi, **phases):
+    def rec(b, method, xi, dtype="float32", **phases):
         return [
             {"record": "time", "batch": b, "method": method, "xi": xi, "phase": p, "median_s": t}
+            | {"dtype": dtype, "donate": True}
             for p, t in phases.items()
         ]
 
@@ -60,16 +61,45 @@ def test_grid_summary_and_targets(step):
         *rec(64, "adc", 0.1, **adc),
         *rec(128, "base", 1.0, **base),
         *rec(128, "adc", 0.1, **adc),
+        # A bfloat16 variant: compared with its own Base, and kept out of the targets.
+        *rec(64, "base", 1.0, "bfloat16", step=0.5, fused_step=0.25, compress_fwd_bwd=0.0),
+        *rec(64, "adc", 0.1, "bfloat16", step=0.4, fused_step=0.4, compress_fwd_bwd=0.1),
+        {"record": "memory", "batch": 64, "method": "adc", "xi": 0.1, "peak_bytes": 2.5e9},
     ]
     out = step.summarize(records)
-    rows = {(r["batch"], r["method"]): r for r in out if r["record"] == "summary"}
-    assert rows[(64, "adc")]["step_over_base"] == pytest.approx(0.25)
-    assert rows[(64, "base")]["split_over_fused"] == pytest.approx(1.0 / 0.9)
+    rows = {(r["batch"], r["method"], r["variant"]): r for r in out if r["record"] == "summary"}
+    assert rows[(64, "adc", "float32")]["step_over_base"] == pytest.approx(0.25)
+    assert rows[(64, "adc", "bfloat16")]["step_over_base"] == pytest.approx(0.8)
+    assert rows[(64, "base", "float32")]["split_over_fused"] == pytest.approx(1.0 / 0.9)
+    assert rows[(64, "adc", "bfloat16")]["images_per_s"] == pytest.approx(64 / 0.4)
     targets = {r["target"]: r for r in out if r["record"] == "target"}
     assert targets["adc_xi0.1_step_over_base_B64"]["met"]
     assert targets["adc_overhead_over_step_B128"]["value"] == pytest.approx(0.02)
-    assert targets["split_over_fused_max"]["met"]  # 1.11 <= 1.15
-    assert "| 64 | adc | 0.1 |" in step.markdown(records + out)
+    assert targets["split_over_fused_max"]["met"]  # 1.11 <= 1.15; bfloat16's 2.0 not counted
+    table = step.markdown(records + out)
+    assert "| 64 | adc | 0.1 | float32 |" in table and "| 64 | adc | 0.1 | bfloat16 |" in table
+    assert "| 0.250 | 256 | 2.50 |" in table  # step/Base, images/s, peak GB of float32 ADC
+
+
+def test_summarize_reads_jsonl_files(step, tmp_path, capsys):
+    """``--summarize`` rebuilds the tables from records written earlier (here, by a GPU run)."""
+    times = dict(step=0.02, fused_step=0.02, compress_fwd_bwd=0.0)
+    records = [
+        {"record": "time", "batch": 128, "method": "base", "xi": 1.0, "phase": p, "median_s": t}
+        for p, t in times.items()
+    ]
+    records.append(
+        {"record": "input", "batch": 128, "phase": "h2d_uint8_32px", "bytes": 393216}
+        | {"median_s": 0.0003}
+    )
+    path = tmp_path / "gpu.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = step.main(["--summarize", str(path)])
+    (row,) = [r for r in out if r.get("record") == "summary"]
+    assert row["images_per_s"] == pytest.approx(6400)
+    table = capsys.readouterr().out
+    assert "| 128 | base | 1 | float32 |" in table
+    assert "| 128 | h2d_uint8_32px | 393216 | 0.300 |" in table
 
 
 def test_allocator_env(monkeypatch, tmp_path):
