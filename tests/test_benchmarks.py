@@ -117,3 +117,20 @@ def test_allocator_env(monkeypatch, tmp_path):
         common.allocator_env("tcmalloc", {})
     with pytest.raises(ValueError, match="Unknown allocator"):
         common.allocator_env("jemalloc", {})
+
+
+def test_matmul_benchmark_times_each_product_of_a_block(capsys):
+    matmul = load("matmul")
+    argv = ["--rows", "64", "--width", "8", "--mlp-dim", "16", "--steps", "1"]
+    records = matmul.main(argv)
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == records
+    roles = {"forward", "input_grad", "weight_grad", "weight_grad_nn"}
+    expected = {(layer, role) for layer in matmul.LAYERS for role in roles}
+    assert {(r["layer"], r["role"]) for r in records} == expected
+    fc2 = {r["role"]: r for r in records if r["layer"] == "fc2"}
+    assert (fc2["weight_grad"]["in"], fc2["weight_grad"]["out"]) == (16, 8)
+    assert all(r["median_s"] > 0 and r["framework"] == "jax" for r in records)
+    # The table puts PyTorch beside JAX (here: a fake PyTorch record) and sums a block's products.
+    fake = {**fc2["forward"], "framework": "torch", "median_s": 0.002}
+    table = matmul.table([*records, fake])
+    assert "| forward |" in table and "/ 2.0 |" in table and "| weight_grad_nn |" in table
