@@ -26,6 +26,11 @@ Records (every one carries the device, versions, XLA flags and the 1-minute load
   runs in its own process so that the maximum RSS is its own).
 * ``record="ratio"``: ``compress / step`` (ADC's overhead), ``step / fused_step``.
 * ``record="check"``: compilations per program after all the timed calls (1 = no recompilation).
+* ``--paired-base`` (an ADC configuration): ``record="paired"``, ``phase`` ∈ ``adc_step``,
+  ``adc_fused_step``, ``base_step``, ``base_fused_step``, the four timed alternately in one
+  process, and ``record="paired_ratio"`` (``step_over_base``, ``fused_step_over_base``): the
+  ratio of ADC's step to Base's without the drift between two processes (the grid adds this run
+  for B = 64, ξ = 0.1, the configuration of issue #8's target).
 * ``record="input"``: host→device bytes per step of a uint8 32×32×3 batch (CIFAR, as the training
   loop ships it) and of a float32 batch at the model's resolution, their ``device_put`` times, and
   the time of the on-device augmentation (:func:`adc_jax.augment.train_augment`: RandAugment,
@@ -111,6 +116,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="JAX's default XLA flags (else common.TUNED_CPU_XLA_FLAGS are added to XLA_FLAGS)",
     )
     p.add_argument("--input", action="store_true", help="time the input path only")
+    p.add_argument(
+        "--paired-base",
+        action="store_true",
+        help="time this ADC configuration's steps and Base's alternately in one process",
+    )
     p.add_argument("--grid", action="store_true", help="the whole grid, one process per config")
     p.add_argument(
         "--torch-python",
@@ -260,6 +270,43 @@ def bench_config(args) -> list[dict[str, Any]]:
     return records
 
 
+def bench_paired(args) -> list[dict[str, Any]]:
+    """An ADC configuration's steps and Base's at the same batch, alternated in one process.
+
+    ``step(ξ) / step(Base)`` from the grid divides times measured in two processes minutes apart,
+    and a shared virtual CPU drifts by several percent over minutes; here each round calls ADC's
+    split step, ADC's fused step, Base's split step and Base's fused step once, so that a slow
+    spell lands on all four alike.
+    """
+    if args.method != "adc":
+        raise SystemExit("--paired-base compares an ADC configuration (--method adc) with Base.")
+    env = {**_config(args), **environment()}
+    calls = {}
+    for name, config in (
+        ("adc", args),
+        ("base", argparse.Namespace(**{**vars(args), "method": "base"})),
+    ):
+        _, protocol, state, batch = setup(config)
+        programs = _programs(protocol, config.donate)
+        holder = [state]
+
+        def step(run, holder=holder, batch=batch):
+            holder[0], metrics = run(holder[0], batch)
+            return holder[0], metrics
+
+        calls[f"{name}_step"] = partial(step, programs.split_step)
+        calls[f"{name}_fused_step"] = partial(step, programs.fused_step)
+    times = timed_interleaved(calls, args.steps, max(args.warmup, 1))
+    records = [{"record": "paired", "phase": name, **t, **env} for name, t in times.items()]
+    median = {name: t["median_s"] for name, t in times.items()}
+    ratios = {
+        "step_over_base": median["adc_step"] / median["base_step"],
+        "fused_step_over_base": median["adc_fused_step"] / median["base_fused_step"],
+    }
+    records.append({"record": "paired_ratio", **ratios, **env})
+    return records
+
+
 def _time_programs(programs, state, batch, steps, add):
     """Times client_forward, server_step and client_backward one by one; returns the state."""
     add("client_forward", timed(lambda: programs.client_forward(state, batch), steps, 0))
@@ -376,6 +423,8 @@ def run_grid(args) -> list[dict[str, Any]]:
         runs.append(["--batch", str(b), "--method", "base"])
         runs += [["--batch", str(b), "--method", "adc", "--xi", str(xi)] for xi in args.xis]
     runs += [["--batch", str(b), "--input"] for b in args.batches]
+    if 64 in args.batches and 0.1 in args.xis:  # the target's ratio, also measured paired
+        runs.append(["--batch", "64", "--method", "adc", "--xi", "0.1", "--paired-base"])
     commands = [[sys.executable, script, *common, *run] for run in runs]
     if args.torch_python:
         torch_script = os.path.join(os.path.dirname(script), "torch_step.py")
@@ -470,6 +519,10 @@ def summarize(records) -> list[dict[str, Any]]:
         targets.append(("adc_overhead_over_step_B128", worst, 0.03))
     if adc_64 and adc_64[0]["step_over_base"] is not None:
         targets.append(("adc_xi0.1_step_over_base_B64", adc_64[0]["step_over_base"], 0.30))
+    for r in records:
+        if r.get("record") == "paired_ratio" and r["batch"] == 64 and r["xi"] == 0.1:
+            if variant(r) == DEFAULT_VARIANT:
+                targets.append(("adc_xi0.1_step_over_base_B64_paired", r["step_over_base"], 0.30))
     if out_default:
         worst = max(r["split_over_fused"] for r in out_default)
         targets.append(("split_over_fused_max", worst, 1.15))
@@ -535,6 +588,15 @@ def markdown(records) -> str:
                 f"{r['fused_over_torch']:.3f} | {r['torch_split_step_s']:.3f} | "
                 f"{r['step_s']:.3f} | {r['split_over_torch']:.3f} |"
             )
+    paired = [r for r in records if r.get("record") == "paired_ratio"]
+    if paired:
+        lines += ["", "| B | ξ | variant | ADC step / Base step, one process | fused |"]
+        lines.append("|---|---|---|---|---|")
+        for r in paired:
+            lines.append(
+                f"| {r['batch']} | {r['xi']:g} | {variant(r)} | {r['step_over_base']:.3f} | "
+                f"{r['fused_step_over_base']:.3f} |"
+            )
     targets = [r for r in records if r.get("record") == "target"]
     if targets:
         lines.append("\nIssue #8's targets (set for its 2-core CPU; default variant only):")
@@ -562,7 +624,12 @@ def main(argv=None) -> list[dict[str, Any]]:
     configure_xla(args.xla_tuned)
     if args.grid:
         return run_grid(args)
-    records = bench_input(args) if args.input else bench_config(args)
+    if args.input:
+        records = bench_input(args)
+    elif args.paired_base:
+        records = bench_paired(args)
+    else:
+        records = bench_config(args)
     for record in records:
         emit(record)
     return records

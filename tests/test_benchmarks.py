@@ -44,6 +44,19 @@ def test_step_benchmark_prints_one_record_per_phase(step, capsys):
     assert ratio["split_over_fused"] > 0 and ratio["compress_over_step"] > 0
 
 
+def test_paired_base_alternates_adc_and_base_in_one_process(step):
+    argv = "--model vit_test_patch4_16 --split-index 2 --num-classes 10 --batch 8 --xi 0.5"
+    records = step.main([*argv.split(), "--steps", "2", "--xla-default", "--paired-base"])
+    times = {r["phase"]: r for r in records if r["record"] == "paired"}
+    assert set(times) == {"adc_step", "adc_fused_step", "base_step", "base_fused_step"}
+    assert all(len(r["times_s"]) == 2 and r["method"] == "adc" for r in times.values())
+    (ratio,) = [r for r in records if r["record"] == "paired_ratio"]
+    expected = times["adc_step"]["median_s"] / times["base_step"]["median_s"]
+    assert ratio["step_over_base"] == pytest.approx(expected)
+    with pytest.raises(SystemExit, match="ADC configuration"):
+        step.main([*argv.split(), "--method", "base", "--paired-base"])
+
+
 def test_grid_summary_and_targets(step):
     """The ratio summary of --grid, on hand-made records (the grid itself takes minutes)."""
 
@@ -65,6 +78,8 @@ def test_grid_summary_and_targets(step):
         *rec(64, "base", 1.0, "bfloat16", step=0.5, fused_step=0.25, compress_fwd_bwd=0.0),
         *rec(64, "adc", 0.1, "bfloat16", step=0.4, fused_step=0.4, compress_fwd_bwd=0.1),
         {"record": "memory", "batch": 64, "method": "adc", "xi": 0.1, "peak_bytes": 2.5e9},
+        {"record": "paired_ratio", "batch": 64, "xi": 0.1, "step_over_base": 0.31}
+        | {"fused_step_over_base": 0.29},
     ]
     out = step.summarize(records)
     rows = {(r["batch"], r["method"], r["variant"]): r for r in out if r["record"] == "summary"}
@@ -74,11 +89,13 @@ def test_grid_summary_and_targets(step):
     assert rows[(64, "adc", "bfloat16")]["images_per_s"] == pytest.approx(64 / 0.4)
     targets = {r["target"]: r for r in out if r["record"] == "target"}
     assert targets["adc_xi0.1_step_over_base_B64"]["met"]
+    assert not targets["adc_xi0.1_step_over_base_B64_paired"]["met"]  # 0.31 > 0.30
     assert targets["adc_overhead_over_step_B128"]["value"] == pytest.approx(0.02)
     assert targets["split_over_fused_max"]["met"]  # 1.11 <= 1.15; bfloat16's 2.0 not counted
     table = step.markdown(records + out)
     assert "| 64 | adc | 0.1 | float32 |" in table and "| 64 | adc | 0.1 | bfloat16 |" in table
     assert "| 0.250 | 256 | 2.50 |" in table  # step/Base, images/s, peak GB of float32 ADC
+    assert "| 64 | 0.1 | float32 | 0.310 | 0.290 |" in table
 
 
 def test_summarize_reads_jsonl_files(step, tmp_path, capsys):
