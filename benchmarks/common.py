@@ -33,9 +33,13 @@ TUNED_CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=reduce",)
 # start) cut the faults to ~2k, but the kernel must then find free 2 MiB pages, and when two
 # programs alternate (the split step's three and the fused one) that costs ~1.5 s of system time
 # per call. tcmalloc keeps freed memory for reuse: no faults and no system time after warm-up,
-# whichever programs alternate. The grid preloads it when the system has it (Debian:
-# libtcmalloc-minimal4), else falls back to huge pages; PyTorch's runs get the same.
+# whichever programs alternate, provided it is told never to hand memory back to the kernel
+# (TCMALLOC_RELEASE_RATE=0): at its default rate it returns some, and a later step refaults
+# it (seen: 0.5–0.7M faults and 0.3–1.5 s more in one step of a few, split or fused alike). The
+# grid preloads it when the system has it (Debian: libtcmalloc-minimal4), else falls back to
+# huge pages; PyTorch's runs get the same.
 THP_GLIBC_TUNABLES = "glibc.malloc.hugetlb=1"
+TCMALLOC_ENV = {"TCMALLOC_RELEASE_RATE": "0"}
 TCMALLOC_NAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
 LIBRARY_DIRS = (
     "/usr/lib/x86_64-linux-gnu",
@@ -60,7 +64,8 @@ def find_tcmalloc() -> str | None:
 def allocator_env(allocator: str, env: dict[str, str]) -> dict[str, str]:
     """``env`` for subprocesses that allocate with ``allocator`` (one of :data:`ALLOCATORS`).
 
-    ``auto``: tcmalloc if the system has it, else glibc with huge pages; ``system``: ``env`` as is.
+    ``auto``: tcmalloc if the system has it (with :data:`TCMALLOC_ENV`), else glibc with huge
+    pages; ``system``: ``env`` as is.
     """
     if allocator not in ALLOCATORS:
         raise ValueError(f"Unknown allocator {allocator!r}; choose one of {ALLOCATORS}.")
@@ -72,6 +77,7 @@ def allocator_env(allocator: str, env: dict[str, str]) -> dict[str, str]:
         )
     if tcmalloc is not None:
         env["LD_PRELOAD"] = ":".join([tcmalloc, *_colon_list(env, "LD_PRELOAD")])
+        env = {**TCMALLOC_ENV, **env}  # a value already set wins
     elif allocator in ("auto", "thp"):
         env["GLIBC_TUNABLES"] = ":".join([*_colon_list(env, "GLIBC_TUNABLES"), THP_GLIBC_TUNABLES])
     return env
@@ -116,6 +122,7 @@ def environment() -> dict[str, Any]:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "ld_preload": os.environ.get("LD_PRELOAD", ""),
+        "tcmalloc_release_rate": os.environ.get("TCMALLOC_RELEASE_RATE", ""),
         "load_1min": round(os.getloadavg()[0], 2),
     }
 

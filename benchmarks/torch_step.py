@@ -68,6 +68,7 @@ def environment(threads: int, device: str) -> dict:
         "torch_threads": threads,
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "ld_preload": os.environ.get("LD_PRELOAD", ""),
+        "tcmalloc_release_rate": os.environ.get("TCMALLOC_RELEASE_RATE", ""),
         "load_1min": round(os.getloadavg()[0], 2),
     }
 

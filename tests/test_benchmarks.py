@@ -126,6 +126,9 @@ def test_allocator_env(monkeypatch, tmp_path):
     monkeypatch.setattr(common, "LIBRARY_DIRS", (str(tmp_path),))
     env = {"LD_PRELOAD": "/x/libother.so", "GLIBC_TUNABLES": "glibc.a=1"}
     assert common.allocator_env("auto", env)["LD_PRELOAD"] == f"{fake}:/x/libother.so"
+    assert common.allocator_env("auto", env)["TCMALLOC_RELEASE_RATE"] == "0"
+    kept = common.allocator_env("auto", {"TCMALLOC_RELEASE_RATE": "2"})
+    assert kept["TCMALLOC_RELEASE_RATE"] == "2"  # a value already set wins
     assert common.allocator_env("thp", env)["GLIBC_TUNABLES"] == "glibc.a=1:glibc.malloc.hugetlb=1"
     assert common.allocator_env("system", env) == env
     fake.unlink()  # no tcmalloc: auto falls back to huge pages, tcmalloc says what to install
