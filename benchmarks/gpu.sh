@@ -8,7 +8,8 @@
 # Each configuration runs in its own process (its own compilation and peak memory), most
 # important first; none is started after deadline_s (default 3000), so a time-limited call
 # returns what it measured. Records go to $OUT/bench_step_gpu.jsonl as they come, the tables to
-# $OUT/bench_step_gpu.md (benchmarks/step.py --summarize). Environment: PYTHON (ours, default
+# $OUT/bench_step_gpu.md (benchmarks/step.py --summarize), a profile of Base's fused step at B = 128
+# to $OUT/profile_gpu.{jsonl,md} (benchmarks/profile.py). Environment: PYTHON (ours, default
 # python3), TORCH_PYTHON (an interpreter with torch + timm, default python3; empty: no PyTorch),
 # MODEL, STEPS (timed calls per phase, default 20), EXTRA (more step.py arguments).
 set -u
@@ -51,6 +52,11 @@ nvidia-smi > "$out/nvidia_smi.txt" 2>&1 || true
 # B = 128: float32 and bfloat16, Base and ADC at ξ = 0.1; the input path; PyTorch.
 ours --batch 128 --method base
 ours --batch 128 --method adc --xi 0.1
+# Where a Base step's time goes on this GPU, instruction by instruction.
+if started profile --batch 128 --method base; then
+  "$py" benchmarks/profile.py --model "$model" --batch 128 --method base --xla-default \
+    "${extra[@]}" > "$out/profile_gpu.jsonl" 2> "$out/profile_gpu.md" || echo "FAILED: profile" >&2
+fi
 ours --batch 128 --method base --dtype bfloat16
 ours --batch 128 --method adc --xi 0.1 --dtype bfloat16
 ours --batch 128 --input

@@ -154,3 +154,26 @@ def test_matmul_benchmark_times_each_product_of_a_block(capsys):
     fake = {**fc2["forward"], "framework": "torch", "median_s": 0.002}
     table = matmul.table([*records, fake])
     assert "| forward |" in table and "/ 2.0 |" in table and "| weight_grad_nn |" in table
+
+
+def test_profile_pairs_async_ends_and_names_instructions(capsys):
+    profile = load("profile")
+    trace = [  # a synchronous fusion, and an asynchronous dot that ends 5 ms after its launch
+        {"ph": "X", "name": "fusion.1", "ts": 0.0, "dur": 2000.0}
+        | {"args": {"hlo_op": "fusion.1", "hlo_module": "jit_f"}},
+        {"ph": "X", "name": "dot.2", "ts": 2000.0, "dur": 100.0}
+        | {"args": {"hlo_op": "dot.2", "hlo_module": "jit_f"}},
+        {"ph": "X", "name": "end: dot.2", "ts": 6900.0, "dur": 100.0, "args": {}},
+    ]
+    assert profile.op_times(trace, calls=1) == {("jit_f", "fusion.1"): 2.0, ("jit_f", "dot.2"): 5.0}
+    records = profile.main(
+        "--model vit_test_patch4_16 --split-index 2 --num-classes 10 --batch 8 --method adc "
+        "--xi 0.5 --xla-default --program client_backward --calls 1".split()
+    )
+    ops = [r for r in records if r["record"] == "op"]
+    assert ops and {r["kind"] for r in ops} <= set(profile.KINDS)
+    assert any(r["kind"] in ("matmul", "fusion+matmul") for r in ops)
+    assert any("blocks_1/mlp/fc2" in r["op_name"] for r in ops)  # named by the JAX op
+    (program,) = [r for r in records if r["record"] == "program"]
+    assert program["hlo_module"] == "jit_client_backward" and program["wall_ms"] > 0
+    assert "| kind | ms |" in capsys.readouterr().err
