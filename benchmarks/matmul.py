@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 LAYERS = ("qkv", "proj", "fc1", "fc2")
 
@@ -51,17 +49,6 @@ def layer_shapes(width: int, mlp_dim: int) -> dict[str, tuple[int, int]]:
     }
 
 
-def _median_time(fn, steps: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _products_jax(rows, fan_in, fan_out):
     import jax
     import jax.numpy as jnp
@@ -78,10 +65,7 @@ def _products_jax(rows, fan_in, fan_out):
         "weight_grad": (jax.jit(lambda x, g: x.T @ g), x, g),
         "weight_grad_nn": (jax.jit(lambda x_t, g: x_t @ g), x_t, g),
     }
-    return {
-        role: (lambda f=f, a=a, b=b: jax.block_until_ready(f(a, b)))
-        for role, (f, a, b) in products.items()
-    }
+    return {role: (lambda f=f, a=a, b=b: f(a, b)) for role, (f, a, b) in products.items()}
 
 
 def _products_torch(rows, fan_in, fan_out):
@@ -96,27 +80,29 @@ def _products_torch(rows, fan_in, fan_out):
     }
 
 
-def _environment(args) -> dict:
+def _framework(args):
+    """The records' environment, the products' maker and the timer (``timed`` of common.py, which
+    waits for JAX's arrays, or of torch_step.py) for ``args.framework``."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     if args.framework == "jax":
-        from common import configure_xla, environment
+        from common import configure_xla, environment, timed
 
         configure_xla(True)
-        return {"framework": "jax", **environment()}
+        return {"framework": "jax", **environment()}, _products_jax, timed
     import torch
-    from torch_step import environment
+    from torch_step import environment, timed
 
     torch.set_num_threads(args.threads)
-    return {"framework": "torch", **environment(args.threads, "cpu")}
+    env = {"framework": "torch", **environment(args.threads, "cpu")}
+    return env, _products_torch, timed
 
 
 def run(args) -> list[dict]:
-    env = _environment(args)
-    make = _products_jax if args.framework == "jax" else _products_torch
+    env, make, timed = _framework(args)
     records = []
     for layer, (fan_in, fan_out) in layer_shapes(args.width, args.mlp_dim).items():
         for role, fn in make(args.rows, fan_in, fan_out).items():
-            seconds = _median_time(fn, args.steps)
+            seconds = timed(fn, args.steps, 2)["median_s"]
             flops = 2 * args.rows * fan_in * fan_out
             record = {"record": "matmul", "layer": layer, "role": role, "rows": args.rows}
             record |= {"in": fan_in, "out": fan_out, "median_s": seconds}

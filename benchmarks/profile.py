@@ -127,8 +127,9 @@ def op_times(trace: list[dict], calls: int) -> dict[tuple[str, str], float]:
 
 def profile(args) -> list[dict[str, Any]]:
     fn, call_args = program_call(args.program, args.config)
-    hlo = fn.lower(*call_args).compile().as_text()
+    hlo = fn.lower(*call_args).compile().as_text()  # a second compilation, for the names
     instructions = hlo_instructions(hlo)
+    module = re.match(r"HloModule ([\w.\-]+)", hlo).group(1)  # the trace's hlo_module
 
     def call():
         nonlocal call_args
@@ -155,10 +156,6 @@ def profile(args) -> list[dict[str, Any]]:
     base = {**step_bench._config(args.config), "program": args.program, **environment()}
     records = []
     times = op_times(trace, args.calls)
-    module = max(
-        {m for m, _ in times} or {""},
-        key=lambda m: sum(t for (mm, _), t in times.items() if mm == m),
-    )  # the program's module (the busiest)
     for (mod, op), ms in sorted(times.items(), key=lambda kv: -kv[1]):
         if mod != module:
             continue
