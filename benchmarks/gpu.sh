@@ -9,7 +9,7 @@
 # important first; none is started after deadline_s (default 3000), so a time-limited call
 # returns what it measured. Records go to $OUT/bench_step_gpu.jsonl as they come, the tables to
 # $OUT/bench_step_gpu.md (benchmarks/step.py --summarize), a profile of Base's fused step at B = 128
-# to $OUT/profile_gpu.{jsonl,md} (benchmarks/profile.py). Environment: PYTHON (ours, default
+# to $OUT/profile_gpu.{jsonl,md} (benchmarks/profile_step.py). Environment: PYTHON (ours, default
 # python3), TORCH_PYTHON (an interpreter with torch + timm, default python3; empty: no PyTorch),
 # MODEL, STEPS (timed calls per phase, default 20), EXTRA (more step.py arguments).
 set -u
@@ -54,7 +54,7 @@ ours --batch 128 --method base
 ours --batch 128 --method adc --xi 0.1
 # Where a Base step's time goes on this GPU, instruction by instruction.
 if started profile --batch 128 --method base; then
-  "$py" benchmarks/profile.py --model "$model" --batch 128 --method base --xla-default \
+  "$py" benchmarks/profile_step.py --model "$model" --batch 128 --method base --xla-default \
     "${extra[@]}" > "$out/profile_gpu.jsonl" 2> "$out/profile_gpu.md" || echo "FAILED: profile" >&2
 fi
 ours --batch 128 --method base --dtype bfloat16

@@ -157,7 +157,7 @@ def test_matmul_benchmark_times_each_product_of_a_block(capsys):
 
 
 def test_profile_pairs_async_ends_and_names_instructions(capsys):
-    profile = load("profile")
+    profile = load("profile_step")
     trace = [  # a synchronous fusion, and an asynchronous dot that ends 5 ms after its launch
         {"ph": "X", "name": "fusion.1", "ts": 0.0, "dur": 2000.0}
         | {"args": {"hlo_op": "fusion.1", "hlo_module": "jit_f"}},
@@ -177,3 +177,12 @@ def test_profile_pairs_async_ends_and_names_instructions(capsys):
     (program,) = [r for r in records if r["record"] == "program"]
     assert program["hlo_module"] == "jit_client_backward" and program["wall_ms"] > 0
     assert "| kind | ms |" in capsys.readouterr().err
+
+
+def test_no_benchmark_script_shadows_a_standard_module():
+    """Running a script puts benchmarks/ first on sys.path: a ``profile.py`` there would be what
+    ``import torch`` (through cProfile) gets instead of the standard library's."""
+    import sys
+
+    names = {path.stem for path in BENCHMARKS.glob("*.py")}
+    assert not names & set(sys.stdlib_module_names)

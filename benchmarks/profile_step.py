@@ -1,6 +1,6 @@
 """Where the time of one program of the split step goes, instruction by instruction (issue #8).
 
-    python benchmarks/profile.py --batch 64 --method base --program fused_step [--calls 3]
+    python benchmarks/profile_step.py --batch 64 --method base --program fused_step [--calls 3]
 
 Runs the program ``--calls`` times under ``jax.profiler`` (after compiling it), reads the Perfetto
 trace that JAX writes, and sums per HLO instruction (the ``hlo_module``/``hlo_op`` arguments of
