@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adc_jax import cpu_matmul
+
 Dtype = Any
 Params = Any
 
@@ -279,9 +281,36 @@ class Dense(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         if columns is not None:
             kernel, bias = kernel[:, columns], bias[columns]
-        y = x.reshape(-1, x.shape[-1]).astype(self.dtype) @ kernel.astype(self.dtype)
-        y = y + bias.astype(self.dtype)
+        rows = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+        y = _linear(rows, kernel.astype(self.dtype), bias.astype(self.dtype))
         return y.reshape(*x.shape[:-1], kernel.shape[1])
+
+
+def _linear(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """``x [R, in] @ kernel + bias``; in float32 its weight gradient ``xᵀ·g`` is a
+    :func:`adc_jax.cpu_matmul.matmul` (OpenBLAS on a CPU, where XLA's is slowest: issue #8)."""
+    if x.dtype == kernel.dtype == jnp.float32:
+        return _linear_f32(x, kernel, bias)
+    return x @ kernel + bias
+
+
+@jax.custom_vjp
+def _linear_f32(x, kernel, bias):
+    return x @ kernel + bias
+
+
+def _linear_f32_fwd(x, kernel, bias):
+    return x @ kernel + bias, (x, kernel)
+
+
+def _linear_f32_bwd(residuals, g):
+    # Only the weight gradient leaves XLA: the input gradient g·kernelᵀ (contracting over the
+    # small axis) is as fast in XLA, which also fuses the bias gradient's reduction.
+    x, kernel = residuals
+    return g @ kernel.T, cpu_matmul.matmul(x, g, trans_a=True), g.sum(axis=0)
+
+
+_linear_f32.defvjp(_linear_f32_fwd, _linear_f32_bwd)
 
 
 def _dense(features: int, name: str, dtype: Dtype) -> Dense:
@@ -398,17 +427,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.
     fewer passes over the ``[B, H, n, N]`` attention matrix, which dominate on a CPU: the
     forward pass normalises the ``[n, hd]`` output instead of the ``[n, N]`` matrix, and the
     backward pass takes the softmax's row sums from ``dout · out`` (as FlashAttention does).
+    The six batched products are :func:`adc_jax.cpu_matmul.matmul` (OpenBLAS on a CPU).
     """
     return _attention_fwd(q, k, v)[0]
 
 
 def _attention_fwd(q, k, v):
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = cpu_matmul.matmul(q, k, trans_b=True)
     exp = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
     inv_sum = 1.0 / jnp.sum(exp, axis=-1, keepdims=True)  # [B, H, n, 1]
-    unnormed = jnp.einsum(
-        "bhqk,bhkd->bhqd", exp.astype(v.dtype), v, preferred_element_type=jnp.float32
-    )
+    unnormed = cpu_matmul.matmul(exp.astype(v.dtype), v)
     out = (unnormed * inv_sum).astype(v.dtype)
     first_row = exp[:, :, 0, :] * inv_sum[:, :, 0, :]
     return (out, first_row), (q, k, v, out, exp, inv_sum)
@@ -418,14 +446,12 @@ def _attention_bwd(residuals, cotangents):
     q, k, v, out, exp, inv_sum = residuals
     d_out = cotangents[0].astype(jnp.float32)  # row 0's cotangent is ignored (stop_gradient)
     d_scaled = (d_out * inv_sum).astype(v.dtype)  # dout / rowsum: P = exp · inv_sum
-    dv = jnp.einsum(
-        "bhqk,bhqd->bhkd", exp.astype(v.dtype), d_scaled, preferred_element_type=jnp.float32
-    )
-    dp = jnp.einsum("bhqd,bhkd->bhqk", d_scaled, v, preferred_element_type=jnp.float32)
+    dv = cpu_matmul.matmul(exp.astype(v.dtype), d_scaled, trans_a=True)
+    dp = cpu_matmul.matmul(d_scaled, v, trans_b=True)
     row = jnp.sum(d_out * out.astype(jnp.float32), axis=-1, keepdims=True)  # Σ_k P·dP
     d_logits = (exp * (dp - row * inv_sum)).astype(q.dtype)
-    dq = jnp.einsum("bhqk,bhkd->bhqd", d_logits, k, preferred_element_type=jnp.float32)
-    dk = jnp.einsum("bhqk,bhqd->bhkd", d_logits, q, preferred_element_type=jnp.float32)
+    dq = cpu_matmul.matmul(d_logits, k)
+    dk = cpu_matmul.matmul(d_logits, q, trans_a=True)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 

@@ -12,8 +12,10 @@ placed::
 
 ``role`` ∈ ``forward``, ``input_grad``, ``weight_grad``; for JAX also ``weight_grad_nn``: the
 same weight gradient with ``x`` already stored transposed (``[in, R] × [R, out]`` as a plain
-row-major product), which shows what the layout costs XLA. Medians of ``--steps`` calls after
-two warm-up calls; JAX calls end in ``block_until_ready``, float32, random normal operands.
+row-major product), which shows what the layout costs XLA, and ``weight_grad_openblas``: the
+weight gradient through :func:`adc_jax.cpu_matmul.matmul` (what the model uses on a CPU).
+Medians of ``--steps`` calls after two warm-up calls; JAX calls end in ``block_until_ready``,
+float32, random normal operands.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import subprocess
 import sys
 
 LAYERS = ("qkv", "proj", "fc1", "fc2")
+ROLES = ("forward", "input_grad", "weight_grad", "weight_grad_nn", "weight_grad_openblas")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,6 +57,8 @@ def _products_jax(rows, fan_in, fan_out):
     import jax.numpy as jnp
     import numpy as np
 
+    from adc_jax import cpu_matmul
+
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((rows, fan_in), np.float32))
     x_t = jnp.asarray(rng.standard_normal((fan_in, rows), np.float32))
@@ -65,6 +70,9 @@ def _products_jax(rows, fan_in, fan_out):
         "weight_grad": (jax.jit(lambda x, g: x.T @ g), x, g),
         "weight_grad_nn": (jax.jit(lambda x_t, g: x_t @ g), x_t, g),
     }
+    if cpu_matmul.status().startswith("openblas"):
+        kernel = jax.jit(lambda x, g: cpu_matmul.matmul(x, g, trans_a=True))
+        products["weight_grad_openblas"] = (kernel, x, g)
     return {role: (lambda f=f, a=a, b=b: f(a, b)) for role, (f, a, b) in products.items()}
 
 
@@ -117,7 +125,7 @@ def table(records: list[dict]) -> str:
     ms = {(r["framework"], r["layer"], r["role"]): 1e3 * r["median_s"] for r in records}
     roles = sorted(
         {r["role"] for r in records},
-        key=("forward", "input_grad", "weight_grad", "weight_grad_nn").index,
+        key=ROLES.index,
     )
     lines = ["| role | " + " | ".join(f"{layer} JAX / PyTorch" for layer in LAYERS) + " | block |"]
     lines.append("|---|" + "---|" * (len(LAYERS) + 1))

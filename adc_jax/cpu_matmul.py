@@ -1,0 +1,199 @@
+"""Matrix products on XLA's CPU backend through OpenBLAS (GitHub issue #8).
+
+XLA's CPU backend computes matrix products with Eigen. For the products of a ViT training step
+that contract over the rows of both operands, ``xᵀ @ g`` (the weight gradient of every linear
+layer) and ``pᵀ @ dout`` (two of attention's backward products), Eigen runs at a half to two
+thirds of OpenBLAS's speed on the same cores; attention's small batched products are slower in
+Eigen whatever the layout (``benchmarks/matmul.py`` measures them one by one). :func:`matmul`
+computes ``op(a) @ op(b)`` through an XLA FFI custom call that runs single-threaded OpenBLAS
+``sgemm`` calls on XLA's own thread pool (``cpu_matmul.cc`` says how it shares the cores).
+
+It is used on a CPU only, for float32 operands, and only where it can be built: the first call
+compiles ``cpu_matmul.cc`` with the system's C++ compiler against the FFI headers that jaxlib
+ships (a few seconds, cached under ``$XDG_CACHE_HOME/adc_jax``) and links it to the OpenBLAS
+that numpy's Linux wheels carry. Anywhere else (GPU, TPU, bfloat16, no compiler, a numpy without
+its own OpenBLAS), or with ``ADC_JAX_CPU_MATMUL=0`` in the environment, :func:`matmul` is XLA's
+``dot_general``: same numbers up to float32 rounding, same gradients. :func:`status` says which.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import hashlib
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "ADC_JAX_CPU_MATMUL"
+TARGET = "adc_jax_cpu_matmul"
+SOURCE = pathlib.Path(__file__).with_name("cpu_matmul.cc")
+# Fortran sgemm with 64-bit integers, by the names numpy's bundled OpenBLAS gives it (numpy >= 2:
+# scipy-openblas64; numpy 1.26: openblas64_), and the per-thread thread-count setter.
+SGEMM_SYMBOLS = ("scipy_sgemm_64_", "sgemm_64_")
+THREADS_SYMBOLS = ("openblas_set_num_threads_local",)
+
+
+def matmul(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False):
+    """``op(a) @ op(b)`` over the last two axes, ``op(x)`` = ``x`` or its transpose (``xᵀ``) by
+    ``trans_a`` / ``trans_b``; leading axes are batch axes, equal in ``a`` and ``b``.
+
+    The result is float32 (``preferred_element_type``). Differentiable and usable under ``jit``
+    and ``vmap``; the gradient is computed by this function again.
+    """
+    if a.ndim < 2 or a.ndim != b.ndim or a.shape[:-2] != b.shape[:-2]:
+        raise ValueError(
+            f"matmul: operands of equal rank >= 2 and batch axes; got {a.shape}, {b.shape}"
+        )
+    k_a = a.shape[-2] if trans_a else a.shape[-1]
+    k_b = b.shape[-1] if trans_b else b.shape[-2]
+    if k_a != k_b:
+        raise ValueError(
+            f"matmul: contraction lengths differ ({k_a} vs {k_b}) for shapes "
+            f"{a.shape}{'ᵀ' if trans_a else ''} @ {b.shape}{'ᵀ' if trans_b else ''}"
+        )
+    return _matmul(a, b, trans_a, trans_b)
+
+
+def status() -> str:
+    """``"openblas <version>"`` when :func:`matmul` runs through OpenBLAS on this machine's CPU,
+    else ``"off: <why>"``."""
+    if os.environ.get(ENV_VAR, "1") == "0":
+        return f"off: {ENV_VAR}=0"
+    if jax.default_backend() != "cpu":
+        return f"off: backend {jax.default_backend()}"
+    loaded, message = _load()
+    return message if loaded else f"off: {message}"
+
+
+def _use_kernel(a, b) -> bool:
+    return (
+        a.dtype == jnp.float32
+        and b.dtype == jnp.float32
+        and os.environ.get(ENV_VAR, "1") != "0"
+        and jax.default_backend() == "cpu"
+        and _load()[0]
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul(a, b, trans_a, trans_b):
+    if not _use_kernel(a, b):
+        return _dot(a, b, trans_a, trans_b)
+    shape = (*a.shape[:-2], a.shape[-1] if trans_a else a.shape[-2])
+    shape += (b.shape[-2] if trans_b else b.shape[-1],)
+    call = jax.ffi.ffi_call(
+        TARGET, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="broadcast_all"
+    )
+    return call(a, b, trans_a=trans_a, trans_b=trans_b)
+
+
+def _dot(a, b, trans_a, trans_b):
+    """XLA's product, ``op(a) @ op(b)`` as one ``dot_general``."""
+    batch = tuple(range(a.ndim - 2))
+    contract_a = a.ndim - 2 if trans_a else a.ndim - 1
+    contract_b = b.ndim - 1 if trans_b else b.ndim - 2
+    return jax.lax.dot_general(
+        a,
+        b,
+        (((contract_a,), (contract_b,)), (batch, batch)),
+        preferred_element_type=jnp.float32,
+    )
+
+
+def _matmul_fwd(a, b, trans_a, trans_b):
+    return _matmul(a, b, trans_a, trans_b), (a, b)
+
+
+def _matmul_bwd(trans_a, trans_b, residuals, g):
+    # c = op(a)·op(b): d op(a) = g·op(b)ᵀ, d op(b) = op(a)ᵀ·g, each written as one product of the
+    # stored operands (no transposed copies).
+    a, b = residuals
+    da = _matmul(b, g, trans_b, True) if trans_a else _matmul(g, b, False, not trans_b)
+    db = _matmul(g, a, True, trans_a) if trans_b else _matmul(a, g, not trans_a, False)
+    return da.astype(a.dtype), db.astype(b.dtype)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+# ------------------------------------------------------------------------------------------------
+# Building and loading the kernel
+# ------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _load() -> tuple[bool, str]:
+    """Builds (or finds in the cache) the kernel, hands it OpenBLAS, registers it with XLA.
+    ``(True, "openblas <version>")``, or ``(False, why not)``; logged once either way."""
+    try:
+        blas, version = _numpy_openblas()
+        library = ctypes.CDLL(str(_build()))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        log.info("adc_jax.cpu_matmul off (XLA's products instead): %s", error)
+        return False, str(error)
+    library.adc_cpu_matmul_set_blas.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    library.adc_cpu_matmul_set_blas(*(ctypes.cast(f, ctypes.c_void_p) for f in blas))
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.AdcCpuMatmul), platform="cpu")
+    log.info("adc_jax.cpu_matmul on: %s", version)
+    return True, version
+
+
+def _numpy_openblas():
+    """``((sgemm, set_num_threads_local), "openblas <version>")`` from the OpenBLAS that numpy's
+    wheel carries (``numpy.libs``); ``OSError`` where numpy has none (conda's, macOS's)."""
+    root = pathlib.Path(np.__file__).parent
+    paths = sorted(glob.glob(str(root.parent / "numpy.libs" / "lib*openblas*.so*")))
+    paths += sorted(glob.glob(str(root / ".libs" / "lib*openblas*.so*")))
+    for path in paths:
+        library = ctypes.CDLL(path)
+        sgemm = next((getattr(library, s) for s in SGEMM_SYMBOLS if hasattr(library, s)), None)
+        local = next((getattr(library, s) for s in THREADS_SYMBOLS if hasattr(library, s)), None)
+        if sgemm is None or local is None:
+            continue
+        version = "openblas"
+        for name in ("scipy_openblas_get_config64_", "openblas_get_config64_"):
+            if hasattr(library, name):
+                getattr(library, name).restype = ctypes.c_char_p
+                version = " ".join(getattr(library, name)().decode().split()[:2]).lower()
+                break
+        return (sgemm, local), version
+    raise OSError("numpy carries no OpenBLAS with 64-bit sgemm and per-thread threads")
+
+
+def _build() -> pathlib.Path:
+    """The compiled kernel: from the cache if this source was built for this jaxlib, else built
+    now with ``$CXX`` (else ``c++``/``g++``). ``RuntimeError`` if no compiler is there or it
+    fails."""
+    import jaxlib
+
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (set CXX or install g++)")
+    include = jax.ffi.include_dir()
+    key = hashlib.sha256(SOURCE.read_bytes())
+    key.update(f"{jaxlib.__version__} {compiler} {include}".encode())
+    cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache"))
+    target = cache / "adc_jax" / f"cpu_matmul-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = pathlib.Path(tmp) / target.name
+        command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", f"-I{include}"]
+        command += [str(SOURCE), "-o", str(built)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"building {SOURCE.name} failed: {result.stderr[-2000:]}")
+        os.replace(built, target)  # atomic: a concurrent build replaces it with the same file
+    return target
