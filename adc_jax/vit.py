@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adc_jax import cpu_matmul
+from adc_jax import cpu_kernels
 
 Dtype = Any
 Params = Any
@@ -288,7 +288,7 @@ class Dense(nn.Module):
 
 def _linear(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """``x [R, in] @ kernel + bias``; in float32 its weight gradient ``xᵀ·g`` is a
-    :func:`adc_jax.cpu_matmul.matmul` (OpenBLAS on a CPU, where XLA's is slowest: issue #8)."""
+    :func:`adc_jax.cpu_kernels.matmul` (OpenBLAS on a CPU, where XLA's is slowest: issue #8)."""
     if x.dtype == kernel.dtype == jnp.float32:
         return _linear_f32(x, kernel, bias)
     return x @ kernel + bias
@@ -307,7 +307,7 @@ def _linear_f32_bwd(residuals, g):
     # Only the weight gradient leaves XLA: the input gradient g·kernelᵀ (contracting over the
     # small axis) is as fast in XLA, which also fuses the bias gradient's reduction.
     x, kernel = residuals
-    return g @ kernel.T, cpu_matmul.matmul(x, g, trans_a=True), g.sum(axis=0)
+    return g @ kernel.T, cpu_kernels.matmul(x, g, trans_a=True), g.sum(axis=0)
 
 
 _linear_f32.defvjp(_linear_f32_fwd, _linear_f32_bwd)
@@ -386,6 +386,12 @@ class Attention(nn.Module):
         # (exact when hd is a power of 4, as in every DeiT), and saves a pass over the logits.
         scale = jnp.asarray(hd**-0.5, self.dtype)
         selection = None
+        if select is None and cpu_kernels.use_kernel(x.astype(self.dtype)):
+            # On a CPU, one call for all heads straight from the projection's layout.
+            out, first_row = fused_attention(qkv(x), h)
+            out = _dense(d, "proj", self.dtype)(out)
+            cls_attention = first_row.mean(axis=1) if return_cls_attention else None
+            return out, cls_attention
         if select is None:
             q, k, v = jnp.split(qkv(x), 3, axis=2)  # [B, N, D] each
             q = q * scale
@@ -427,16 +433,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.
     fewer passes over the ``[B, H, n, N]`` attention matrix, which dominate on a CPU: the
     forward pass normalises the ``[n, hd]`` output instead of the ``[n, N]`` matrix, and the
     backward pass takes the softmax's row sums from ``dout · out`` (as FlashAttention does).
-    The six batched products are :func:`adc_jax.cpu_matmul.matmul` (OpenBLAS on a CPU).
+    The six batched products are :func:`adc_jax.cpu_kernels.matmul` (OpenBLAS on a CPU).
     """
     return _attention_fwd(q, k, v)[0]
 
 
 def _attention_fwd(q, k, v):
-    logits = cpu_matmul.matmul(q, k, trans_b=True)
+    if cpu_kernels.use_kernel(q, k, v):
+        out, exp, inv_sum = cpu_kernels.attention_forward(q, k, v)
+        first_row = exp[:, :, 0, :] * inv_sum[:, :, 0, :]
+        return (out, first_row), (q, k, v, out, exp, inv_sum)
+    logits = cpu_kernels.matmul(q, k, trans_b=True)
     exp = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
     inv_sum = 1.0 / jnp.sum(exp, axis=-1, keepdims=True)  # [B, H, n, 1]
-    unnormed = cpu_matmul.matmul(exp.astype(v.dtype), v)
+    unnormed = cpu_kernels.matmul(exp.astype(v.dtype), v)
     out = (unnormed * inv_sum).astype(v.dtype)
     first_row = exp[:, :, 0, :] * inv_sum[:, :, 0, :]
     return (out, first_row), (q, k, v, out, exp, inv_sum)
@@ -444,18 +454,47 @@ def _attention_fwd(q, k, v):
 
 def _attention_bwd(residuals, cotangents):
     q, k, v, out, exp, inv_sum = residuals
+    if cpu_kernels.use_kernel(q, k, v, cotangents[0]):
+        return cpu_kernels.attention_backward(q, k, v, out, exp, inv_sum, cotangents[0])
     d_out = cotangents[0].astype(jnp.float32)  # row 0's cotangent is ignored (stop_gradient)
     d_scaled = (d_out * inv_sum).astype(v.dtype)  # dout / rowsum: P = exp · inv_sum
-    dv = cpu_matmul.matmul(exp.astype(v.dtype), d_scaled, trans_a=True)
-    dp = cpu_matmul.matmul(d_scaled, v, trans_b=True)
+    dv = cpu_kernels.matmul(exp.astype(v.dtype), d_scaled, trans_a=True)
+    dp = cpu_kernels.matmul(d_scaled, v, trans_b=True)
     row = jnp.sum(d_out * out.astype(jnp.float32), axis=-1, keepdims=True)  # Σ_k P·dP
     d_logits = (exp * (dp - row * inv_sum)).astype(q.dtype)
-    dq = cpu_matmul.matmul(d_logits, k)
-    dk = cpu_matmul.matmul(d_logits, q, trans_a=True)
+    dq = cpu_kernels.matmul(d_logits, k)
+    dk = cpu_kernels.matmul(d_logits, q, trans_a=True)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def fused_attention(qkv: jax.Array, num_heads: int) -> tuple[jax.Array, jax.Array]:
+    """:func:`attention` of all heads from the fused projection ``qkv [B, N, 3D]`` (timm's
+    layout), through :func:`adc_jax.cpu_kernels.attention_qkv_forward`: ``(out [B, N, D] with
+    the heads side by side, probs[:, :, 0, :] [B, H, N])``. float32 on a CPU only."""
+    return _fused_attention_fwd(qkv, num_heads)[0]
+
+
+def _fused_attention_fwd(qkv, num_heads):
+    scale = (qkv.shape[-1] // (3 * num_heads)) ** -0.5
+    out, exp, inv_sum = cpu_kernels.attention_qkv_forward(qkv, num_heads, scale)
+    first_row = exp[:, :, 0, :] * inv_sum[:, :, 0, :]
+    return (out, first_row), (qkv, out, exp, inv_sum)
+
+
+def _fused_attention_bwd(num_heads, residuals, cotangents):
+    qkv, out, exp, inv_sum = residuals
+    scale = (qkv.shape[-1] // (3 * num_heads)) ** -0.5
+    d_qkv = cpu_kernels.attention_qkv_backward(
+        qkv, out, exp, inv_sum, cotangents[0], num_heads, scale
+    )
+    return (d_qkv,)
+
+
+fused_attention.defvjp(_fused_attention_fwd, _fused_attention_bwd)
 
 
 _INV_SQRT2_NEXT = float(np.nextafter(np.float32(2**-0.5), np.float32(1.0)))

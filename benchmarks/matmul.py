@@ -13,7 +13,7 @@ placed::
 ``role`` ∈ ``forward``, ``input_grad``, ``weight_grad``; for JAX also ``weight_grad_nn``: the
 same weight gradient with ``x`` already stored transposed (``[in, R] × [R, out]`` as a plain
 row-major product), which shows what the layout costs XLA, and ``weight_grad_openblas``: the
-weight gradient through :func:`adc_jax.cpu_matmul.matmul` (what the model uses on a CPU).
+weight gradient through :func:`adc_jax.cpu_kernels.matmul` (what the model uses on a CPU).
 Medians of ``--steps`` calls after two warm-up calls; JAX calls end in ``block_until_ready``,
 float32, random normal operands.
 """
@@ -57,7 +57,7 @@ def _products_jax(rows, fan_in, fan_out):
     import jax.numpy as jnp
     import numpy as np
 
-    from adc_jax import cpu_matmul
+    from adc_jax import cpu_kernels
 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((rows, fan_in), np.float32))
@@ -70,8 +70,8 @@ def _products_jax(rows, fan_in, fan_out):
         "weight_grad": (jax.jit(lambda x, g: x.T @ g), x, g),
         "weight_grad_nn": (jax.jit(lambda x_t, g: x_t @ g), x_t, g),
     }
-    if cpu_matmul.status().startswith("openblas"):
-        kernel = jax.jit(lambda x, g: cpu_matmul.matmul(x, g, trans_a=True))
+    if cpu_kernels.status().startswith("openblas"):
+        kernel = jax.jit(lambda x, g: cpu_kernels.matmul(x, g, trans_a=True))
         products["weight_grad_openblas"] = (kernel, x, g)
     return {role: (lambda f=f, a=a, b=b: f(a, b)) for role, (f, a, b) in products.items()}
 

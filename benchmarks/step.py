@@ -42,9 +42,9 @@ Records (every one carries the device, versions, XLA flags and the 1-minute load
 ``--dtype bfloat16`` (compute dtype of the model) and ``--no-donate`` (no buffer donation) are
 there so that accelerator choices are visible in the same script; on a CPU neither helps. Records
 carry them, and the tables keep each combination (the *variant*) apart; step/Base compares within
-a variant, and the targets read the default one (float32, donated). ``--xla-matmul`` turns off
-:mod:`adc_jax.cpu_matmul` (OpenBLAS for the weight gradients and attention's products on a CPU;
-records name its state in ``cpu_matmul``); the grid runs Base that way too, beside the default.
+a variant, and the targets read the default one (float32, donated). ``--no-cpu-kernels`` turns off
+:mod:`adc_jax.cpu_kernels` (OpenBLAS for the weight gradients and attention's products on a CPU;
+records name its state in ``cpu_kernels``); the grid runs Base that way too, beside the default.
 ``benchmarks/gpu.sh`` runs the set for a GPU.
 
 Environment: unless ``--xla-default``, the XLA CPU flags of ``common.TUNED_CPU_XLA_FLAGS`` are
@@ -84,7 +84,7 @@ from common import (  # noqa: E402
     timed_interleaved,
 )
 
-from adc_jax import augment, cpu_matmul, split, vit  # noqa: E402
+from adc_jax import augment, cpu_kernels, split, vit  # noqa: E402
 from adc_jax.kmeans import kmeans  # noqa: E402
 from adc_jax.methods import ADC, Base, CutShape  # noqa: E402
 
@@ -118,9 +118,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="JAX's default XLA flags (else common.TUNED_CPU_XLA_FLAGS are added to XLA_FLAGS)",
     )
     p.add_argument(
-        "--xla-matmul",
+        "--no-cpu-kernels",
         action="store_true",
-        help="XLA's products only (ADC_JAX_CPU_MATMUL=0: no OpenBLAS kernel on a CPU)",
+        help="XLA's products only (ADC_JAX_CPU_KERNELS=0: no OpenBLAS kernel on a CPU)",
     )
     p.add_argument("--input", action="store_true", help="time the input path only")
     p.add_argument(
@@ -173,7 +173,7 @@ def _config(args) -> dict[str, Any]:
         "dtype": args.dtype,
         "donate": args.donate,
         "select_in_client": args.select,
-        "cpu_matmul": cpu_matmul.status(),
+        "cpu_kernels": cpu_kernels.status(),
     }
 
 
@@ -431,8 +431,8 @@ def run_grid(args) -> list[dict[str, Any]]:
         runs.append(["--batch", str(b), "--method", "base"])
         runs += [["--batch", str(b), "--method", "adc", "--xi", str(xi)] for xi in args.xis]
     runs += [["--batch", str(b), "--input"] for b in args.batches]
-    # Base with XLA's products only, beside the default (adc_jax.cpu_matmul's kernel on a CPU).
-    runs += [["--batch", str(b), "--method", "base", "--xla-matmul"] for b in args.batches]
+    # Base with XLA's products only, beside the default (adc_jax.cpu_kernels's kernel on a CPU).
+    runs += [["--batch", str(b), "--method", "base", "--no-cpu-kernels"] for b in args.batches]
     if 64 in args.batches and 0.1 in args.xis:  # the target's ratio, also measured paired
         runs.append(["--batch", "64", "--method", "adc", "--xi", "0.1", "--paired-base"])
     commands = [[sys.executable, script, *common, *run] for run in runs]
@@ -460,7 +460,7 @@ def run_grid(args) -> list[dict[str, Any]]:
 
 
 DEFAULT_VARIANT = "float32"
-XLA_ONLY = f"off: {cpu_matmul.ENV_VAR}=0"
+XLA_ONLY = f"off: {cpu_kernels.ENV_VAR}=0"
 
 
 def variant(record) -> str:
@@ -469,7 +469,7 @@ def variant(record) -> str:
     words = [record.get("dtype", "float32")]
     words += [] if record.get("donate", True) else ["no donation"]
     words += [] if record.get("select_in_client", True) else ["no select"]
-    words += ["XLA products"] if record.get("cpu_matmul", "").startswith(XLA_ONLY) else []
+    words += ["XLA only"] if record.get("cpu_kernels", "").startswith(XLA_ONLY) else []
     return ", ".join(words)
 
 
@@ -634,8 +634,8 @@ def main(argv=None) -> list[dict[str, Any]]:
     if args.summarize:
         return report(args.summarize)
     configure_xla(args.xla_tuned)
-    if args.xla_matmul:
-        os.environ[cpu_matmul.ENV_VAR] = "0"
+    if args.no_cpu_kernels:
+        os.environ[cpu_kernels.ENV_VAR] = "0"
     if args.grid:
         return run_grid(args)
     if args.input:

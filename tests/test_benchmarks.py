@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from adc_jax import cpu_matmul
+from adc_jax import cpu_kernels
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 PHASES = {"client_forward", "compress", "server_step", "client_backward", "step", "fused_step"}
@@ -38,7 +38,7 @@ def test_step_benchmark_prints_one_record_per_phase(step, capsys):
         assert r["method"] == "adc" and r["xi"] == 0.5
         assert r["median_s"] > 0 and r["device"].startswith("cpu") and r["jax"]
         assert (r["num_clusters"], r["num_tokens"]) == (5, 12)  # B = 8, N = 17, ξ = 0.5
-        assert r["cpu_matmul"] == cpu_matmul.status()
+        assert r["cpu_kernels"] == cpu_kernels.status()
     (check,) = [r for r in records if r["record"] == "check"]
     assert set(check["compilations"].values()) == {1}  # no recompilation after the first step
     (memory,) = [r for r in records if r["record"] == "memory"]
@@ -49,12 +49,12 @@ def test_step_benchmark_prints_one_record_per_phase(step, capsys):
 
 def test_paired_base_alternates_adc_and_base_in_one_process(step, monkeypatch):
     argv = "--model vit_test_patch4_16 --split-index 2 --num-classes 10 --batch 8 --xi 0.5"
-    monkeypatch.setenv(cpu_matmul.ENV_VAR, "1")  # --xla-matmul sets it to 0; restored after
+    monkeypatch.setenv(cpu_kernels.ENV_VAR, "1")  # --no-cpu-kernels sets it to 0; restored after
     records = step.main(
-        [*argv.split(), "--steps", "2", "--xla-default", "--paired-base", "--xla-matmul"]
+        [*argv.split(), "--steps", "2", "--xla-default", "--paired-base", "--no-cpu-kernels"]
     )
-    assert all(r["cpu_matmul"] == f"off: {cpu_matmul.ENV_VAR}=0" for r in records)
-    assert step.variant(records[0]) == "float32, XLA products"
+    assert all(r["cpu_kernels"] == f"off: {cpu_kernels.ENV_VAR}=0" for r in records)
+    assert step.variant(records[0]) == "float32, XLA only"
     times = {r["phase"]: r for r in records if r["record"] == "paired"}
     assert set(times) == {"adc_step", "adc_fused_step", "base_step", "base_fused_step"}
     assert all(len(r["times_s"]) == 2 and r["method"] == "adc" for r in times.values())
@@ -105,7 +105,7 @@ def test_grid_summary_and_targets(step):
     assert "| 0.250 | 256 | 2.50 |" in table  # step/Base, images/s, peak GB of float32 ADC
     assert "| 64 | 0.1 | float32 | 0.310 | 0.290 |" in table
     # Where the kernel is off for want of a CPU (a GPU's records), the variant is the default.
-    assert step.variant({"cpu_matmul": "off: backend gpu"}) == step.DEFAULT_VARIANT
+    assert step.variant({"cpu_kernels": "off: backend gpu"}) == step.DEFAULT_VARIANT
 
 
 def test_summarize_reads_jsonl_files(step, tmp_path, capsys):
@@ -155,7 +155,7 @@ def test_matmul_benchmark_times_each_product_of_a_block(capsys):
     records = matmul.main(argv)
     assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == records
     roles = {"forward", "input_grad", "weight_grad", "weight_grad_nn"}
-    if cpu_matmul.status().startswith("openblas"):  # the model's weight gradient on a CPU
+    if cpu_kernels.status().startswith("openblas"):  # the model's weight gradient on a CPU
         roles.add("weight_grad_openblas")
     expected = {(layer, role) for layer in matmul.LAYERS for role in roles}
     assert {(r["layer"], r["role"]) for r in records} == expected

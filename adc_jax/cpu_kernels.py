@@ -1,19 +1,26 @@
-"""Matrix products on XLA's CPU backend through OpenBLAS (GitHub issue #8).
+"""Matrix products and attention on XLA's CPU backend through OpenBLAS (GitHub issue #8).
 
 XLA's CPU backend computes matrix products with Eigen. For the products of a ViT training step
 that contract over the rows of both operands, ``xᵀ @ g`` (the weight gradient of every linear
-layer) and ``pᵀ @ dout`` (two of attention's backward products), Eigen runs at a half to two
-thirds of OpenBLAS's speed on the same cores; attention's small batched products are slower in
-Eigen whatever the layout (``benchmarks/matmul.py`` measures them one by one). :func:`matmul`
-computes ``op(a) @ op(b)`` through an XLA FFI custom call that runs single-threaded OpenBLAS
-``sgemm`` calls on XLA's own thread pool (``cpu_matmul.cc`` says how it shares the cores).
+layer), Eigen runs at a half to two thirds of OpenBLAS's speed on the same cores, and attention
+is a chain of passes over ``[B, H, N, N]`` arrays in memory, with each head transposed in and out
+of place (``benchmarks/matmul.py``, ``benchmarks/profile_step.py``). This module holds XLA FFI
+custom calls (``cpu_kernels.cc``) that run single-threaded OpenBLAS ``sgemm`` calls on XLA's own
+thread pool (the file says how they share the cores):
 
-It is used on a CPU only, for float32 operands, and only where it can be built: the first call
-compiles ``cpu_matmul.cc`` with the system's C++ compiler against the FFI headers that jaxlib
-ships (a few seconds, cached under ``$XDG_CACHE_HOME/adc_jax``) and links it to the OpenBLAS
-that numpy's Linux wheels carry. Anywhere else (GPU, TPU, bfloat16, no compiler, a numpy without
-its own OpenBLAS), or with ``ADC_JAX_CPU_MATMUL=0`` in the environment, :func:`matmul` is XLA's
-``dot_general``: same numbers up to float32 rounding, same gradients. :func:`status` says which.
+* :func:`matmul`: ``op(a) @ op(b)``, batched, differentiable (the model's weight gradients);
+* :func:`attention_forward` / :func:`attention_backward`: softmax attention per (batch, head)
+  item, its ``[n, N]`` matrix kept in cache between the products and the softmax;
+* :func:`attention_qkv_forward` / :func:`attention_qkv_backward`: the same, reading the heads
+  straight from the fused ``qkv`` projection and writing them side by side.
+
+They are used on a CPU only, for float32 operands, and only where they can be built: the first
+call compiles ``cpu_kernels.cc`` with the system's C++ compiler against the FFI headers that
+jaxlib ships (a few seconds, cached under ``$XDG_CACHE_HOME/adc_jax``, one build per jaxlib and
+kind of CPU) and links it to the OpenBLAS that numpy's Linux wheels carry. Anywhere else (GPU,
+TPU, bfloat16, no compiler, a numpy without its own OpenBLAS), or with ``ADC_JAX_CPU_KERNELS=0``
+in the environment, :func:`use_kernel` is false and the model computes the same with XLA's
+operations (same numbers up to float32 rounding). :func:`status` says which.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import hashlib
 import logging
 import os
 import pathlib
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -35,9 +43,13 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-ENV_VAR = "ADC_JAX_CPU_MATMUL"
+ENV_VAR = "ADC_JAX_CPU_KERNELS"
 TARGET = "adc_jax_cpu_matmul"
-SOURCE = pathlib.Path(__file__).with_name("cpu_matmul.cc")
+ATTENTION_TARGET = "adc_jax_cpu_attention"
+ATTENTION_GRAD_TARGET = "adc_jax_cpu_attention_grad"
+ATTENTION_QKV_TARGET = "adc_jax_cpu_attention_qkv"
+ATTENTION_QKV_GRAD_TARGET = "adc_jax_cpu_attention_qkv_grad"
+SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
 # Fortran sgemm with 64-bit integers, by the names numpy's bundled OpenBLAS gives it (numpy >= 2:
 # scipy-openblas64; numpy 1.26: openblas64_), and the per-thread thread-count setter.
 SGEMM_SYMBOLS = ("scipy_sgemm_64_", "sgemm_64_")
@@ -76,10 +88,10 @@ def status() -> str:
     return message if loaded else f"off: {message}"
 
 
-def _use_kernel(a, b) -> bool:
+def use_kernel(*operands: jax.Array) -> bool:
+    """Whether products of these operands go through the kernel: all float32, on a CPU, built."""
     return (
-        a.dtype == jnp.float32
-        and b.dtype == jnp.float32
+        all(x.dtype == jnp.float32 for x in operands)
         and os.environ.get(ENV_VAR, "1") != "0"
         and jax.default_backend() == "cpu"
         and _load()[0]
@@ -88,7 +100,7 @@ def _use_kernel(a, b) -> bool:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _matmul(a, b, trans_a, trans_b):
-    if not _use_kernel(a, b):
+    if not use_kernel(a, b):
         return _dot(a, b, trans_a, trans_b)
     shape = (*a.shape[:-2], a.shape[-1] if trans_a else a.shape[-2])
     shape += (b.shape[-2] if trans_b else b.shape[-1],)
@@ -127,6 +139,62 @@ def _matmul_bwd(trans_a, trans_b, residuals, g):
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array):
+    """:func:`adc_jax.vit.attention`'s forward pass in one call, each (batch, head) item's
+    products and softmax done while its ``[n, N]`` matrix is in cache: ``q [..., n, d]``
+    (scaled), ``k, v [..., N, d]`` → ``(out [..., n, d], exp [..., n, N], inv_sum [..., n, 1])``,
+    ``exp`` the softmax's numerators ``exp(logit - row max)`` and ``inv_sum`` their rows' inverse
+    sums. Only where :func:`use_kernel` (no fallback, no gradient: the caller has both)."""
+    n, big_n = q.shape[-2], k.shape[-2]
+    shapes = (q.shape, (*q.shape[:-1], big_n), q.shape[:-1])
+    call = jax.ffi.ffi_call(
+        ATTENTION_TARGET,
+        tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes),
+        vmap_method="broadcast_all",
+    )
+    out, exp, inv_sum = call(q, k, v)
+    return out, exp, inv_sum.reshape(*q.shape[:-2], n, 1)
+
+
+def attention_qkv_forward(qkv: jax.Array, heads: int, scale: float):
+    """:func:`attention_forward` reading ``q, k, v`` from one fused projection ``qkv [B, N, 3·D]``
+    (columns: ``H`` query heads, then key heads, then value heads; ``D = H·d``) and writing
+    ``out [B, N, D]`` with the heads side by side, so that no head is transposed in or out of
+    place; the logits are ``scale · q·kᵀ``. Returns ``(out, exp [B, H, N, N], inv_sum [B, H, N,
+    1])``."""
+    b, n, three_d = qkv.shape
+    shapes = ((b, n, three_d // 3), (b, heads, n, n), (b, heads, n))
+    call = jax.ffi.ffi_call(
+        ATTENTION_QKV_TARGET,
+        tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes),
+        vmap_method="sequential",
+    )
+    out, exp, inv_sum = call(qkv, heads=np.int64(heads), scale=np.float32(scale))
+    return out, exp, inv_sum[..., None]
+
+
+def attention_qkv_backward(qkv, out, exp, inv_sum, d_out, heads: int, scale: float):
+    """The backward pass of :func:`attention_qkv_forward`: the gradient of ``qkv``."""
+    call = jax.ffi.ffi_call(
+        ATTENTION_QKV_GRAD_TARGET,
+        jax.ShapeDtypeStruct(qkv.shape, jnp.float32),
+        vmap_method="sequential",
+    )
+    return call(
+        qkv, out, exp, inv_sum[..., 0], d_out, heads=np.int64(heads), scale=np.float32(scale)
+    )
+
+
+def attention_backward(q, k, v, out, exp, inv_sum, d_out):
+    """The backward pass of :func:`attention_forward`'s softmax attention: ``(dq, dk, dv)``."""
+    call = jax.ffi.ffi_call(
+        ATTENTION_GRAD_TARGET,
+        tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
+        vmap_method="broadcast_all",
+    )
+    return call(q, k, v, out, exp, inv_sum.reshape(inv_sum.shape[:-1]), d_out)
+
+
 # ------------------------------------------------------------------------------------------------
 # Building and loading the kernel
 # ------------------------------------------------------------------------------------------------
@@ -140,12 +208,19 @@ def _load() -> tuple[bool, str]:
         blas, version = _numpy_openblas()
         library = ctypes.CDLL(str(_build()))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        log.info("adc_jax.cpu_matmul off (XLA's products instead): %s", error)
+        log.info("adc_jax.cpu_kernels off (XLA's products instead): %s", error)
         return False, str(error)
-    library.adc_cpu_matmul_set_blas.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-    library.adc_cpu_matmul_set_blas(*(ctypes.cast(f, ctypes.c_void_p) for f in blas))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.AdcCpuMatmul), platform="cpu")
-    log.info("adc_jax.cpu_matmul on: %s", version)
+    library.adc_cpu_kernels_set_blas.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    library.adc_cpu_kernels_set_blas(*(ctypes.cast(f, ctypes.c_void_p) for f in blas))
+    for target, handler in (
+        (TARGET, library.AdcCpuMatmul),
+        (ATTENTION_TARGET, library.AdcCpuAttention),
+        (ATTENTION_GRAD_TARGET, library.AdcCpuAttentionGrad),
+        (ATTENTION_QKV_TARGET, library.AdcCpuAttentionQkv),
+        (ATTENTION_QKV_GRAD_TARGET, library.AdcCpuAttentionQkvGrad),
+    ):
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
+    log.info("adc_jax.cpu_kernels on: %s", version)
     return True, version
 
 
@@ -182,18 +257,32 @@ def _build() -> pathlib.Path:
         raise RuntimeError("no C++ compiler (set CXX or install g++)")
     include = jax.ffi.include_dir()
     key = hashlib.sha256(SOURCE.read_bytes())
-    key.update(f"{jaxlib.__version__} {compiler} {include}".encode())
+    key.update(f"{jaxlib.__version__} {compiler} {include} {_cpu_flags()}".encode())
     cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache"))
-    target = cache / "adc_jax" / f"cpu_matmul-{key.hexdigest()[:16]}.so"
+    target = cache / "adc_jax" / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = pathlib.Path(tmp) / target.name
-        command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", f"-I{include}"]
+        command = [compiler, "-O3", *_ARCH_FLAGS, "-std=c++17", "-shared", "-fPIC", f"-I{include}"]
         command += [str(SOURCE), "-o", str(built)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"building {SOURCE.name} failed: {result.stderr[-2000:]}")
         os.replace(built, target)  # atomic: a concurrent build replaces it with the same file
     return target
+
+
+# The kernel is built on the machine that runs it, for its CPU (the softmax loops vectorise to
+# its widest registers); the cache key holds the CPU's flags, so a cache shared between machines
+# keeps one build per kind of CPU.
+_ARCH_FLAGS = ("-march=native",)
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.machine()

@@ -1,4 +1,4 @@
-"""adc_jax.cpu_matmul: the OpenBLAS products XLA's CPU backend calls (issue #8)."""
+"""adc_jax.cpu_kernels: the OpenBLAS products XLA's CPU backend calls (issue #8)."""
 
 import itertools
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adc_jax import cpu_matmul
+from adc_jax import cpu_kernels
 
 TRANS = list(itertools.product((False, True), repeat=2))
 # Reasons the kernel may be off on a machine without failing anything: the fallback is XLA's.
@@ -17,9 +17,9 @@ ACCEPTED_OFF = ("no C++ compiler", "numpy carries no OpenBLAS")
 @pytest.fixture(scope="module")
 def kernel_on():
     """Skips where the machine cannot have the kernel; fails where it should and does not."""
-    status = cpu_matmul.status()
+    status = cpu_kernels.status()
     if any(reason in status for reason in ACCEPTED_OFF):
-        pytest.skip(f"cpu_matmul unavailable here: {status}")
+        pytest.skip(f"cpu_kernels unavailable here: {status}")
     assert status.startswith("openblas"), status
 
 
@@ -51,11 +51,11 @@ def _lowered(fn, *args) -> str:
 def test_products_match_float64(kernel_on, batch, trans_a, trans_b):
     # Odd sizes, and m = 37 rows cut into row blocks (one product) or items in runs (a batch).
     a, b = _operands(*_shapes(batch, 37, 29, 53, trans_a, trans_b))
-    out = jax.jit(lambda a, b: cpu_matmul.matmul(a, b, trans_a=trans_a, trans_b=trans_b))(a, b)
+    out = jax.jit(lambda a, b: cpu_kernels.matmul(a, b, trans_a=trans_a, trans_b=trans_b))(a, b)
     assert out.shape == (*batch, 37, 29) and out.dtype == jnp.float32
     np.testing.assert_allclose(out, _reference(a, b, trans_a, trans_b), rtol=1e-5, atol=1e-4)
-    assert "adc_jax_cpu_matmul" in _lowered(
-        lambda a, b: cpu_matmul.matmul(a, b, trans_a=trans_a, trans_b=trans_b), a, b
+    assert cpu_kernels.TARGET in _lowered(
+        lambda a, b: cpu_kernels.matmul(a, b, trans_a=trans_a, trans_b=trans_b), a, b
     )
 
 
@@ -69,19 +69,19 @@ def test_gradients_match_xla(kernel_on, trans_a, trans_b):
     ours = jax.jit(
         jax.grad(
             lambda a, b: loss(
-                lambda a, b, ta, tb: cpu_matmul.matmul(a, b, trans_a=ta, trans_b=tb), a, b
+                lambda a, b, ta, tb: cpu_kernels.matmul(a, b, trans_a=ta, trans_b=tb), a, b
             ),
             (0, 1),
         )
     )(a, b)
-    xla = jax.grad(lambda a, b: loss(cpu_matmul._dot, a, b), (0, 1))(a, b)
+    xla = jax.grad(lambda a, b: loss(cpu_kernels._dot, a, b), (0, 1))(a, b)
     for got, want in zip(ours, xla, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_vmap_and_determinism(kernel_on):
     a, b = _operands((4, 9, 6), (4, 6, 5), seed=2)  # vmapped over the leading axis of 4
-    fn = jax.jit(jax.vmap(lambda a, b: cpu_matmul.matmul(a, b)))
+    fn = jax.jit(jax.vmap(lambda a, b: cpu_kernels.matmul(a, b)))
     out = fn(a, b)
     np.testing.assert_allclose(out, _reference(a, b, False, False), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(out, fn(a, b))  # same inputs, same bits
@@ -89,39 +89,39 @@ def test_vmap_and_determinism(kernel_on):
 
 def test_empty_contraction_and_rows(kernel_on):
     a, b = _operands((3, 0), (0, 4))
-    np.testing.assert_array_equal(cpu_matmul.matmul(a, b), np.zeros((3, 4), np.float32))
+    np.testing.assert_array_equal(cpu_kernels.matmul(a, b), np.zeros((3, 4), np.float32))
     a, b = _operands((0, 5), (5, 4))
-    assert cpu_matmul.matmul(a, b).shape == (0, 4)
+    assert cpu_kernels.matmul(a, b).shape == (0, 4)
 
 
 def test_falls_back_to_xla(kernel_on, monkeypatch):
     # bfloat16 operands, or the switch off: XLA's dot_general, float32 out.
     a, b = _operands((6, 5), (5, 4), seed=3)
-    bf16 = _lowered(cpu_matmul.matmul, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))
-    assert "adc_jax_cpu_matmul" not in bf16 and "dot_general" in bf16
-    assert cpu_matmul.matmul(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)).dtype == jnp.float32
-    monkeypatch.setenv(cpu_matmul.ENV_VAR, "0")
-    assert cpu_matmul.status() == f"off: {cpu_matmul.ENV_VAR}=0"
-    assert "adc_jax_cpu_matmul" not in _lowered(lambda a, b: cpu_matmul.matmul(a, b) * 1.0, a, b)
-    np.testing.assert_allclose(cpu_matmul.matmul(a, b), _reference(a, b, False, False), rtol=1e-5)
+    bf16 = _lowered(cpu_kernels.matmul, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))
+    assert cpu_kernels.TARGET not in bf16 and "dot_general" in bf16
+    assert cpu_kernels.matmul(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)).dtype == jnp.float32
+    monkeypatch.setenv(cpu_kernels.ENV_VAR, "0")
+    assert cpu_kernels.status() == f"off: {cpu_kernels.ENV_VAR}=0"
+    assert cpu_kernels.TARGET not in _lowered(lambda a, b: cpu_kernels.matmul(a, b) * 1.0, a, b)
+    np.testing.assert_allclose(cpu_kernels.matmul(a, b), _reference(a, b, False, False), rtol=1e-5)
 
 
 def test_rejects_shapes_that_do_not_multiply():
     a, b = _operands((4, 5), (6, 3))
     with pytest.raises(ValueError, match="contraction lengths differ"):
-        cpu_matmul.matmul(a, b)
+        cpu_kernels.matmul(a, b)
     with pytest.raises(ValueError, match="equal rank"):
-        cpu_matmul.matmul(a, b[None])
+        cpu_kernels.matmul(a, b[None])
     with pytest.raises(ValueError, match="equal rank"):
-        cpu_matmul.matmul(a[0], b[0])
+        cpu_kernels.matmul(a[0], b[0])
 
 
 def test_builds_into_an_empty_cache_and_reports_a_failed_build(kernel_on, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    built = cpu_matmul._build()
+    built = cpu_kernels._build()
     assert built.parent == tmp_path / "adc_jax" and built.stat().st_size > 0
-    assert cpu_matmul._build() == built  # the second call finds it
+    assert cpu_kernels._build() == built  # the second call finds it
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "other"))
     monkeypatch.setenv("CXX", "false")
-    with pytest.raises(RuntimeError, match="building cpu_matmul.cc failed"):
-        cpu_matmul._build()
+    with pytest.raises(RuntimeError, match="building cpu_kernels.cc failed"):
+        cpu_kernels._build()
