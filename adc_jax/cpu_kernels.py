@@ -20,7 +20,8 @@ jaxlib ships (a few seconds, cached under ``$XDG_CACHE_HOME/adc_jax``, one build
 kind of CPU) and links it to the OpenBLAS that numpy's Linux wheels carry. Anywhere else (GPU,
 TPU, bfloat16, no compiler, a numpy without its own OpenBLAS), or with ``ADC_JAX_CPU_KERNELS=0``
 in the environment, :func:`use_kernel` is false and the model computes the same with XLA's
-operations (same numbers up to float32 rounding). :func:`status` says which.
+operations (same numbers up to float32 rounding). :func:`status` says which. The switch is read
+when a function is traced: set it before the first call of a jitted step.
 """
 
 from __future__ import annotations

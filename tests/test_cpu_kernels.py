@@ -79,6 +79,13 @@ def test_gradients_match_xla(kernel_on, trans_a, trans_b):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_weight_gradient_in_contraction_chunks(kernel_on):
+    # xᵀ·g over more rows than one chunk: cut into chunks, summed in order.
+    x, g = _operands((2 * 4096 + 7, 5), (2 * 4096 + 7, 3), seed=4)
+    out = cpu_kernels.matmul(x, g, trans_a=True)
+    np.testing.assert_allclose(out, _reference(x, g, True, False), rtol=1e-5, atol=1e-3)
+
+
 def test_vmap_and_determinism(kernel_on):
     a, b = _operands((4, 9, 6), (4, 6, 5), seed=2)  # vmapped over the leading axis of 4
     fn = jax.jit(jax.vmap(lambda a, b: cpu_kernels.matmul(a, b)))

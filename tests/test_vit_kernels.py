@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adc_jax import vit
+from adc_jax import cpu_kernels, vit
 
 
 def grads(fn, *args):
@@ -39,23 +39,71 @@ def test_gelu_equals_jax_exact_gelu():
     assert_close(ours, reference, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("num_queries", [9, 3])  # all rows; the selected-rows form
-def test_attention_equals_softmax_einsum(num_queries):
+@pytest.fixture(params=["1", "0"], ids=["cpu_kernels", "xla"])
+def kernels(request, monkeypatch):
+    """Runs a test with adc_jax.cpu_kernels on (where this machine has them) and off."""
+    monkeypatch.setenv(cpu_kernels.ENV_VAR, request.param)
+    return request.param == "1" and cpu_kernels.status().startswith("openblas")
+
+
+def _softmax_attention(q, k, v):
+    probs = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k), axis=-1)
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+    return out, jax.lax.stop_gradient(probs[:, :, 0, :])
+
+
+@pytest.mark.parametrize("num_queries", [9, 3, 1])  # all rows; the selected-rows form; CLS only
+def test_attention_equals_softmax_einsum(num_queries, kernels):
     keys = jax.random.split(jax.random.key(3), 3)
     q = jax.random.normal(keys[0], (2, 3, num_queries, 8))
     k, v = (2 * jax.random.normal(key, (2, 3, 9, 8)) for key in keys[1:])
 
-    def reference(q, k, v):
-        probs = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k), axis=-1)
-        out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
-        return out, jax.lax.stop_gradient(probs[:, :, 0, :])
-
-    (out, first), g = grads(vit.attention, q, k, v)
-    (ref_out, ref_first), ref_g = grads(reference, q, k, v)
+    # A new function per switch: the switch is read when a function is traced, and jit caches
+    # traces by function.
+    attention = jax.jit(lambda q, k, v: vit.attention(q, k, v))
+    (out, first), g = grads(attention, q, k, v)
+    (ref_out, ref_first), ref_g = grads(_softmax_attention, q, k, v)
+    lowered = attention.lower(q, k, v).as_text()
+    assert (cpu_kernels.ATTENTION_TARGET in lowered) == kernels
     assert_close(out, ref_out)
     assert_close(first, ref_first)
     np.testing.assert_allclose(first.sum(-1), 1.0, rtol=1e-6)
     assert_close(g, ref_g, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_attention_reads_heads_from_qkv():
+    if not cpu_kernels.status().startswith("openblas"):  # only the kernels have this path
+        pytest.skip(f"cpu_kernels unavailable here: {cpu_kernels.status()}")
+    b, n, h, hd = 2, 9, 3, 16  # hd = 16: scale 1/4, exact
+    qkv = 2 * jax.random.normal(jax.random.key(6), (b, n, 3 * h * hd))
+
+    def reference(qkv):
+        q, k, v = (
+            part.reshape(b, n, h, hd).transpose(0, 2, 1, 3) for part in jnp.split(qkv, 3, axis=2)
+        )
+        out, first = _softmax_attention(q * hd**-0.5, k, v)
+        return out.transpose(0, 2, 1, 3).reshape(b, n, h * hd), first
+
+    ours = grads(jax.jit(vit.fused_attention, static_argnums=1), qkv, h)
+    theirs = grads(reference, qkv)
+    assert_close(ours[0], theirs[0])
+    assert_close(ours[1][0], theirs[1][0], rtol=1e-4, atol=1e-5)
+
+
+def test_model_gradients_with_and_without_cpu_kernels(monkeypatch):
+    """A whole split model's loss and gradients agree with the kernels on and off."""
+    model = vit.make_model("vit_test_patch4_16", split_index=2, num_classes=10)
+    params = model.init(jax.random.key(7))
+    images = jax.random.normal(jax.random.key(8), (4, 16, 16, 3))
+
+    def loss(params):
+        return jnp.sum(jnp.sin(model.apply_full(params, images)))
+
+    results = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv(cpu_kernels.ENV_VAR, switch)
+        results[switch] = jax.jit(jax.value_and_grad(loss))(params)
+    assert_close(results["1"], results["0"], rtol=1e-4, atol=1e-6)
 
 
 def test_dense_equals_flax_dense():
