@@ -79,7 +79,7 @@ def matmul(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool =
 
 
 def status() -> str:
-    """``"openblas <version>"`` when :func:`matmul` runs through OpenBLAS on this machine's CPU,
+    """``"openblas <version>"`` when the kernels run (float32 operands) on this machine's CPU,
     else ``"off: <why>"``."""
     if os.environ.get(ENV_VAR, "1") == "0":
         return f"off: {ENV_VAR}=0"
@@ -205,6 +205,8 @@ def attention_backward(q, k, v, out, exp, inv_sum, d_out):
 def _load() -> tuple[bool, str]:
     """Builds (or finds in the cache) the kernel, hands it OpenBLAS, registers it with XLA.
     ``(True, "openblas <version>")``, or ``(False, why not)``; logged once either way."""
+    if not hasattr(jax, "ffi"):
+        return False, f"jax {jax.__version__} has no jax.ffi"
     try:
         blas, version = _numpy_openblas()
         library = ctypes.CDLL(str(_build()))
