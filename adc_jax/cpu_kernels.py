@@ -81,27 +81,27 @@ def matmul(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool =
 def status() -> str:
     """``"openblas <version>"`` when the kernels run (float32 operands) on this machine's CPU,
     else ``"off: <why>"``."""
+    off = _why_off()
+    return f"off: {off}" if off else _load()[1]
+
+
+def use_kernel(*dtypes) -> bool:
+    """Whether operands of these dtypes go through the kernels: all float32, on a CPU, built."""
+    return all(dtype == jnp.float32 for dtype in dtypes) and _why_off() is None
+
+
+def _why_off() -> str | None:
     if os.environ.get(ENV_VAR, "1") == "0":
-        return f"off: {ENV_VAR}=0"
+        return f"{ENV_VAR}=0"
     if jax.default_backend() != "cpu":
-        return f"off: backend {jax.default_backend()}"
+        return f"backend {jax.default_backend()}"
     loaded, message = _load()
-    return message if loaded else f"off: {message}"
-
-
-def use_kernel(*operands: jax.Array) -> bool:
-    """Whether products of these operands go through the kernel: all float32, on a CPU, built."""
-    return (
-        all(x.dtype == jnp.float32 for x in operands)
-        and os.environ.get(ENV_VAR, "1") != "0"
-        and jax.default_backend() == "cpu"
-        and _load()[0]
-    )
+    return None if loaded else message
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _matmul(a, b, trans_a, trans_b):
-    if not use_kernel(a, b):
+    if not use_kernel(a.dtype, b.dtype):
         return _dot(a, b, trans_a, trans_b)
     shape = (*a.shape[:-2], a.shape[-1] if trans_a else a.shape[-2])
     shape += (b.shape[-2] if trans_b else b.shape[-1],)
@@ -170,6 +170,7 @@ def attention_qkv_forward(qkv: jax.Array, heads: int, scale: float):
         tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes),
         vmap_method="sequential",
     )
+    # "sequential" under vmap: the kernel reads exactly [B, N, 3·D] (the heads' columns).
     out, exp, inv_sum = call(qkv, heads=np.int64(heads), scale=np.float32(scale))
     return out, exp, inv_sum[..., None]
 

@@ -387,31 +387,29 @@ class Attention(nn.Module):
         # (exact when hd is a power of 4, as in every DeiT), and saves a pass over the logits.
         scale = jnp.asarray(hd**-0.5, self.dtype)
         selection = None
-        if select is None and cpu_kernels.use_kernel(x.astype(self.dtype)):
+        if select is None and cpu_kernels.use_kernel(self.dtype):
             # On a CPU, one call for all heads straight from the projection's layout.
             out, first_row = fused_attention(qkv(x), h)
-            out = _dense(d, "proj", self.dtype)(out)
-            cls_attention = first_row.mean(axis=1) if return_cls_attention else None
-            return out, cls_attention
-        if select is None:
-            q, k, v = jnp.split(qkv(x), 3, axis=2)  # [B, N, D] each
-            q = q * scale
         else:
-            # Keys and values for every token; queries only for CLS (the scores), then for the
-            # rows the selector keeps.
-            k, v = jnp.split(qkv(x, columns=slice(d, 3 * d)), 2, axis=2)
-        k, v = _heads(k, h), _heads(v, h)  # [B, H, N, hd]
-        if select is not None:
-            q_cls = qkv(x[:, :1], columns=slice(0, d)) * scale
-            # Same kernel as the full path's row 0, so both paths rank tokens by the same numbers.
-            cls_row = attention(*jax.lax.stop_gradient((_heads(q_cls, h), k, v)))[1]
-            cls_attention = cls_row.mean(axis=1)  # [B, N]
-            positions, aux = select(cls_attention)
-            selection = (positions, aux)
-            kept = jnp.take_along_axis(x, positions[:, :, None], axis=1)  # [B, k, D]
-            q = qkv(kept, columns=slice(0, d)) * scale
-        out, first_row = attention(_heads(q, h), k, v)  # [B, H, n_q, hd], [B, H, N]
-        out = out.transpose(0, 2, 1, 3).reshape(b, q.shape[1], d)  # heads back to features
+            if select is None:
+                q, k, v = jnp.split(qkv(x), 3, axis=2)  # [B, N, D] each
+                q = q * scale
+            else:
+                # Keys and values for every token; queries only for CLS (the scores), then for the
+                # rows the selector keeps.
+                k, v = jnp.split(qkv(x, columns=slice(d, 3 * d)), 2, axis=2)
+            k, v = _heads(k, h), _heads(v, h)  # [B, H, N, hd]
+            if select is not None:
+                q_cls = qkv(x[:, :1], columns=slice(0, d)) * scale
+                # Same kernel as the full path's row 0: both paths rank tokens by the same numbers.
+                cls_row = attention(*jax.lax.stop_gradient((_heads(q_cls, h), k, v)))[1]
+                cls_attention = cls_row.mean(axis=1)  # [B, N]
+                positions, aux = select(cls_attention)
+                selection = (positions, aux)
+                kept = jnp.take_along_axis(x, positions[:, :, None], axis=1)  # [B, k, D]
+                q = qkv(kept, columns=slice(0, d)) * scale
+            out, first_row = attention(_heads(q, h), k, v)  # [B, H, n_q, hd], [B, H, N]
+            out = out.transpose(0, 2, 1, 3).reshape(b, q.shape[1], d)  # heads back to features
         out = _dense(d, "proj", self.dtype)(out)
         if selection is not None:
             return out, cls_attention, selection
@@ -441,7 +439,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.
 
 
 def _attention_fwd(q, k, v):
-    if cpu_kernels.use_kernel(q, k, v):
+    if cpu_kernels.use_kernel(q.dtype, k.dtype, v.dtype):
         out, exp, inv_sum = cpu_kernels.attention_forward(q, k, v)
         first_row = exp[:, :, 0, :] * inv_sum[:, :, 0, :]
         return (out, first_row), (q, k, v, out, exp, inv_sum)
@@ -456,7 +454,7 @@ def _attention_fwd(q, k, v):
 
 def _attention_bwd(residuals, cotangents):
     q, k, v, out, exp, inv_sum = residuals
-    if cpu_kernels.use_kernel(q, k, v, cotangents[0]):
+    if cpu_kernels.use_kernel(q.dtype, k.dtype, v.dtype, cotangents[0].dtype):
         return cpu_kernels.attention_backward(q, k, v, out, exp, inv_sum, cotangents[0])
     d_out = cotangents[0].astype(jnp.float32)  # row 0's cotangent is ignored (stop_gradient)
     d_scaled = (d_out * inv_sum).astype(v.dtype)  # dout / rowsum: P = exp · inv_sum
@@ -480,16 +478,21 @@ def fused_attention(qkv: jax.Array, num_heads: int) -> tuple[jax.Array, jax.Arra
     return _fused_attention_fwd(qkv, num_heads)[0]
 
 
+def _fused_scale(qkv, num_heads):
+    return (qkv.shape[-1] // (3 * num_heads)) ** -0.5  # head width ** -0.5
+
+
 def _fused_attention_fwd(qkv, num_heads):
-    scale = (qkv.shape[-1] // (3 * num_heads)) ** -0.5
-    out, exp, inv_sum = cpu_kernels.attention_qkv_forward(qkv, num_heads, scale)
+    out, exp, inv_sum = cpu_kernels.attention_qkv_forward(
+        qkv, num_heads, _fused_scale(qkv, num_heads)
+    )
     first_row = exp[:, :, 0, :] * inv_sum[:, :, 0, :]
     return (out, first_row), (qkv, out, exp, inv_sum)
 
 
 def _fused_attention_bwd(num_heads, residuals, cotangents):
     qkv, out, exp, inv_sum = residuals
-    scale = (qkv.shape[-1] // (3 * num_heads)) ** -0.5
+    scale = _fused_scale(qkv, num_heads)
     d_qkv = cpu_kernels.attention_qkv_backward(
         qkv, out, exp, inv_sum, cotangents[0], num_heads, scale
     )
