@@ -1,18 +1,21 @@
-"""Matrix products and attention on XLA's CPU backend through OpenBLAS (GitHub issue #8).
+"""Matrix products, attention and LayerNorm on XLA's CPU backend (GitHub issue #8).
 
 XLA's CPU backend computes matrix products with Eigen. For the products of a ViT training step
 that contract over the rows of both operands, ``xᵀ @ g`` (the weight gradient of every linear
-layer), Eigen runs at a half to two thirds of OpenBLAS's speed on the same cores, and attention
-is a chain of passes over ``[B, H, N, N]`` arrays in memory, with each head transposed in and out
-of place (``benchmarks/matmul.py``, ``benchmarks/profile_step.py``). This module holds XLA FFI
-custom calls (``cpu_kernels.cc``) that run single-threaded OpenBLAS ``sgemm`` calls on XLA's own
-thread pool (the file says how they share the cores):
+layer), Eigen runs at a half to two thirds of OpenBLAS's speed on the same cores; attention is a
+chain of passes over ``[B, H, N, N]`` arrays in memory, with each head transposed in and out of
+place; and LayerNorm is several full-size passes each way (``benchmarks/matmul.py``,
+``benchmarks/profile_step.py``). This module holds XLA FFI custom calls (``cpu_kernels.cc``)
+that run on XLA's own thread pool (the file says how they share the cores):
 
-* :func:`matmul`: ``op(a) @ op(b)``, batched, differentiable (the model's weight gradients);
+* :func:`matmul`: ``op(a) @ op(b)``, batched, differentiable, single-threaded OpenBLAS ``sgemm``
+  parts (the model's weight gradients);
 * :func:`attention_forward` / :func:`attention_backward`: softmax attention per (batch, head)
-  item, its ``[n, N]`` matrix kept in cache between the products and the softmax;
+  item, its ``[n, N]`` matrix kept in cache between the products and the softmax, the products
+  on register tiles (OpenBLAS is slow on matrices this small);
 * :func:`attention_qkv_forward` / :func:`attention_qkv_backward`: the same, reading the heads
-  straight from the fused ``qkv`` projection and writing them side by side.
+  straight from the fused ``qkv`` projection and writing them side by side;
+* :func:`layer_norm_forward` / :func:`layer_norm_backward`: one pass over the rows each way.
 
 They are used on a CPU only, for float32 operands, and only where they can be built: the first
 call compiles ``cpu_kernels.cc`` with the system's C++ compiler against the FFI headers that
@@ -50,6 +53,8 @@ ATTENTION_TARGET = "adc_jax_cpu_attention"
 ATTENTION_GRAD_TARGET = "adc_jax_cpu_attention_grad"
 ATTENTION_QKV_TARGET = "adc_jax_cpu_attention_qkv"
 ATTENTION_QKV_GRAD_TARGET = "adc_jax_cpu_attention_qkv_grad"
+LAYER_NORM_TARGET = "adc_jax_cpu_layer_norm"
+LAYER_NORM_GRAD_TARGET = "adc_jax_cpu_layer_norm_grad"
 SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
 # Fortran sgemm with 64-bit integers, by the names numpy's bundled OpenBLAS gives it (numpy >= 2:
 # scipy-openblas64; numpy 1.26: openblas64_), and the per-thread thread-count setter.
@@ -140,6 +145,15 @@ def _matmul_bwd(trans_a, trans_b, residuals, g):
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+def _ffi_call(target: str, result_shape_dtypes, vmap_method: str):
+    """``jax.ffi.ffi_call`` of one of this module's targets, built and registered first (a
+    ``RuntimeError`` saying why where they cannot be: these callers have no fallback)."""
+    loaded, message = _load()
+    if not loaded:
+        raise RuntimeError(f"adc_jax.cpu_kernels unavailable: {message}")
+    return jax.ffi.ffi_call(target, result_shape_dtypes, vmap_method=vmap_method)
+
+
 def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array):
     """:func:`adc_jax.vit.attention`'s forward pass in one call, each (batch, head) item's
     products and softmax done while its ``[n, N]`` matrix is in cache: ``q [..., n, d]``
@@ -148,7 +162,7 @@ def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array):
     sums. Only where :func:`use_kernel` (no fallback, no gradient: the caller has both)."""
     n, big_n = q.shape[-2], k.shape[-2]
     shapes = (q.shape, (*q.shape[:-1], big_n), q.shape[:-1])
-    call = jax.ffi.ffi_call(
+    call = _ffi_call(
         ATTENTION_TARGET,
         tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes),
         vmap_method="broadcast_all",
@@ -165,7 +179,7 @@ def attention_qkv_forward(qkv: jax.Array, heads: int, scale: float):
     1])``."""
     b, n, three_d = qkv.shape
     shapes = ((b, n, three_d // 3), (b, heads, n, n), (b, heads, n))
-    call = jax.ffi.ffi_call(
+    call = _ffi_call(
         ATTENTION_QKV_TARGET,
         tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes),
         vmap_method="sequential",
@@ -177,7 +191,7 @@ def attention_qkv_forward(qkv: jax.Array, heads: int, scale: float):
 
 def attention_qkv_backward(qkv, out, exp, inv_sum, d_out, heads: int, scale: float):
     """The backward pass of :func:`attention_qkv_forward`: the gradient of ``qkv``."""
-    call = jax.ffi.ffi_call(
+    call = _ffi_call(
         ATTENTION_QKV_GRAD_TARGET,
         jax.ShapeDtypeStruct(qkv.shape, jnp.float32),
         vmap_method="sequential",
@@ -189,12 +203,35 @@ def attention_qkv_backward(qkv, out, exp, inv_sum, d_out, heads: int, scale: flo
 
 def attention_backward(q, k, v, out, exp, inv_sum, d_out):
     """The backward pass of :func:`attention_forward`'s softmax attention: ``(dq, dk, dv)``."""
-    call = jax.ffi.ffi_call(
+    call = _ffi_call(
         ATTENTION_GRAD_TARGET,
         tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
         vmap_method="broadcast_all",
     )
     return call(q, k, v, out, exp, inv_sum.reshape(inv_sum.shape[:-1]), d_out)
+
+
+def layer_norm_forward(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float):
+    """:func:`adc_jax.vit.layer_norm`'s forward pass in one pass over ``x [..., D]``: ``(y [..., D],
+    mean [...], rstd [...])``, ``rstd = 1/√(var + eps)``. float32; only where :func:`use_kernel`
+    (no fallback, no gradient: the caller has both)."""
+    stats = jax.ShapeDtypeStruct(x.shape[:-1], jnp.float32)
+    call = _ffi_call(
+        LAYER_NORM_TARGET,
+        (jax.ShapeDtypeStruct(x.shape, jnp.float32), stats, stats),
+        vmap_method="sequential",  # scale and bias are [D]: one call per vmapped item
+    )
+    return call(x, scale, bias, eps=np.float32(eps))
+
+
+def layer_norm_backward(x, mean, rstd, scale, dy):
+    """The backward pass of :func:`layer_norm_forward`: ``(dx, dscale, dbias)``."""
+    call = _ffi_call(
+        LAYER_NORM_GRAD_TARGET,
+        tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in (x.shape, scale.shape, scale.shape)),
+        vmap_method="sequential",
+    )
+    return call(x, mean, rstd, scale, dy)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -222,6 +259,8 @@ def _load() -> tuple[bool, str]:
         (ATTENTION_GRAD_TARGET, library.AdcCpuAttentionGrad),
         (ATTENTION_QKV_TARGET, library.AdcCpuAttentionQkv),
         (ATTENTION_QKV_GRAD_TARGET, library.AdcCpuAttentionQkvGrad),
+        (LAYER_NORM_TARGET, library.AdcCpuLayerNorm),
+        (LAYER_NORM_GRAD_TARGET, library.AdcCpuLayerNormGrad),
     ):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
     log.info("adc_jax.cpu_kernels on: %s", version)

@@ -123,6 +123,41 @@ def test_rejects_shapes_that_do_not_multiply():
         cpu_kernels.matmul(a[0], b[0])
 
 
+def test_layer_norm_matches_float64(kernel_on):
+    # 1000 rows: 16 parts of 64 rows, their dscale and dbias terms added in order.
+    rng = np.random.default_rng(5)
+    x = (2 * rng.standard_normal((10, 100, 24)) + 0.5).astype(np.float32)
+    scale, bias = (rng.standard_normal(24).astype(np.float32) for _ in range(2))
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    y, mean, rstd = jax.jit(cpu_kernels.layer_norm_forward, static_argnums=3)(x, scale, bias, 1e-6)
+    dx, dscale, dbias = jax.jit(cpu_kernels.layer_norm_backward)(x, mean, rstd, scale, dy)
+
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    mu = x64.mean(-1, keepdims=True)
+    inv = 1 / np.sqrt(((x64 - mu) ** 2).mean(-1, keepdims=True) + 1e-6)
+    n = (x64 - mu) * inv
+    g = dy64 * scale
+    ref_dx = inv * (g - g.mean(-1, keepdims=True) - n * (g * n).mean(-1, keepdims=True))
+    np.testing.assert_allclose(y, n * scale + bias, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(mean, mu[..., 0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rstd, inv[..., 0], rtol=1e-5)
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dscale, (dy64 * n).sum((0, 1)), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(dbias, dy64.sum((0, 1)), rtol=1e-4, atol=1e-3)
+    with pytest.raises(Exception, match="scale and bias"):
+        jax.block_until_ready(cpu_kernels.layer_norm_forward(x, scale[:5], bias, 1e-6))
+
+
+def test_direct_kernel_calls_say_why_they_cannot_run(monkeypatch):
+    # The attention and LayerNorm kernels have no XLA fallback of their own (their callers do).
+    monkeypatch.setattr(cpu_kernels, "_load", lambda: (False, "no C++ compiler (test)"))
+    x = jnp.ones((2, 4, 6))
+    with pytest.raises(RuntimeError, match=r"unavailable: no C\+\+ compiler \(test\)"):
+        cpu_kernels.attention_qkv_forward(x, 1, 1.0)
+    with pytest.raises(RuntimeError, match="unavailable"):
+        cpu_kernels.layer_norm_forward(x, jnp.ones(6), jnp.zeros(6), 1e-6)
+
+
 def test_builds_into_an_empty_cache_and_reports_a_failed_build(kernel_on, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     built = cpu_kernels._build()
