@@ -5,6 +5,7 @@
 //   AdcCpuMatmul             c[i] = op(a[i]) · op(b[i]) over the batch axes, op by trans_a/b
 //   AdcCpuAttention(Grad)    softmax attention per (batch, head) item, q, k, v [..., n|N, d]
 //   AdcCpuAttentionQkv(Grad) the same from one fused qkv [B, N, 3·H·d], out [B, N, H·d]
+//   AdcCpuAttentionSelect(Grad) the same from q [B, n, H·d] and kv [B, N, 2·H·d]
 //   AdcCpuLayerNorm(Grad)    LayerNorm over the last axis, one pass over the rows each way
 //
 // All float32, row-major. The large products (Matmul) are OpenBLAS sgemm calls; attention's small
@@ -324,45 +325,67 @@ void SmallGemm(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int
   for (int64_t r = 0; r < m; ++r) std::copy_n(c_tail + r * width, tail, c + r * ldc + j);
 }
 
-// Scratch floats one item of AttentionForward or AttentionBackward needs.
-int64_t AttentionScratch(int64_t n, int64_t big_n, int64_t d) {
-  return n * d + n * big_n + big_n * d + SmallGemmScratch(std::max(n, big_n), std::max({n, big_n, d}));
-}
+using F32 = ffi::Buffer<ffi::F32>;
+using F32Out = ffi::ResultBuffer<ffi::F32>;
 
-// One (batch, head) item of attention's forward pass; see vit.attention. q [n, d], k, v [N, d]
-// (row stride ld_in), logits = scale · q·kᵀ -> exp [n, N] (softmax numerators exp(logit - row
-// max)), inv_sum [n] (their rows' inverse sums), out [n, d] (row stride ld_out) = softmax · v.
-void AttentionForward(int64_t n, int64_t big_n, int64_t d, float scale, const float* q,
-                      const float* k, const float* v, int64_t ld_in, float* exp, float* inv_sum,
-                      float* out, int64_t ld_out, float* scratch) {
+// Where item i = (batch element i / heads, head i % heads) of attention keeps its rows: q and out
+// [n, d], k and v [N, d], each with its own row stride, each head d columns wide. The gradients
+// of q, k, v have their layout. Three layouts (the functions below build them):
+//   separate  q [..., n, d], k, v [..., N, d], out like q (heads among the batch axes: heads = 1)
+//   fused     qkv [B, N, 3·D] (columns: q heads, k heads, v heads), out [B, N, D]; D = H·d
+//   select    q [B, n, D], kv [B, N, 2·D] (columns: k heads, v heads), out [B, n, D]
+struct Layout {
+  int64_t items, n, big_n, d;
+  float scale;                          // logits = scale · q·kᵀ
+  int64_t heads;                        // items per batch element
+  int64_t ld_q, ld_kv, ld_out;          // row strides
+  int64_t q_batch, kv_batch, out_batch;  // from one batch element to the next
+  int64_t k_offset, v_offset;           // where k's and v's heads start in their rows
+
+  int64_t Q(int64_t i) const { return (i / heads) * q_batch + (i % heads) * d; }
+  int64_t K(int64_t i) const { return (i / heads) * kv_batch + k_offset + (i % heads) * d; }
+  int64_t V(int64_t i) const { return (i / heads) * kv_batch + v_offset + (i % heads) * d; }
+  int64_t Out(int64_t i) const { return (i / heads) * out_batch + (i % heads) * d; }
+  int64_t Scratch() const {  // floats one item's forward or backward pass needs
+    return n * d + n * big_n + big_n * d +
+           SmallGemmScratch(std::max(n, big_n), std::max({n, big_n, d}));
+  }
+};
+
+// One item of attention's forward pass (see vit.attention), pointers at the item's first row:
+// logits = scale · q·kᵀ -> exp [n, N] (softmax numerators exp(logit - row max)), inv_sum [n]
+// (their rows' inverse sums), out [n, d] = softmax · v.
+void AttentionForward(const Layout& l, const float* q, const float* k, const float* v,
+                      float* exp, float* inv_sum, float* out, float* scratch) {
+  const int64_t n = l.n, big_n = l.big_n, d = l.d;
   float* k_t = scratch;  // [d, N]: q·kᵀ as a plain product, kᵀ's rows contiguous
   float* gemm_scratch = k_t + big_n * d;
-  Transpose(big_n, d, k, ld_in, k_t);
-  SmallGemm<false>(n, big_n, d, scale, q, ld_in, k_t, big_n, exp, big_n, gemm_scratch);
+  Transpose(big_n, d, k, l.ld_kv, k_t);
+  SmallGemm<false>(n, big_n, d, l.scale, q, l.ld_q, k_t, big_n, exp, big_n, gemm_scratch);
   for (int64_t r = 0; r < n; ++r) {
     float* row = exp + r * big_n;
     const float top = Reduce(row, big_n, row[0], [](float a, float b) { return a > b ? a : b; });
     for (int64_t j = 0; j < big_n; ++j) row[j] = ExpNonPositive(row[j] - top);
     inv_sum[r] = 1.0f / Reduce(row, big_n, 0.0f, [](float a, float b) { return a + b; });
   }
-  SmallGemm<false>(n, d, big_n, 1.0f, exp, big_n, v, ld_in, out, ld_out, gemm_scratch);
+  SmallGemm<false>(n, d, big_n, 1.0f, exp, big_n, v, l.ld_kv, out, l.ld_out, gemm_scratch);
   for (int64_t r = 0; r < n; ++r)
-    for (int64_t j = 0; j < d; ++j) out[r * ld_out + j] *= inv_sum[r];
+    for (int64_t j = 0; j < d; ++j) out[r * l.ld_out + j] *= inv_sum[r];
 }
 
-// Its backward pass: dq, dk, dv with the row stride of q, k, v; d_out that of out.
-void AttentionBackward(int64_t n, int64_t big_n, int64_t d, float scale, const float* q,
-                       const float* k, const float* v, int64_t ld_in, const float* out,
-                       const float* d_out, int64_t ld_out, const float* exp,
+// Its backward pass: dq, dk, dv (laid out as q, k, v) from d_out (laid out as out).
+void AttentionBackward(const Layout& l, const float* q, const float* k, const float* v,
+                       const float* out, const float* d_out, const float* exp,
                        const float* inv_sum, float* dq, float* dk, float* dv, float* scratch) {
+  const int64_t n = l.n, big_n = l.big_n, d = l.d, ld_out = l.ld_out;
   float* d_scaled = scratch;             // [n, d]
   float* d_logits = d_scaled + n * d;    // [n, N]
   float* v_t = d_logits + n * big_n;     // [d, N]
   float* gemm_scratch = v_t + big_n * d;
   for (int64_t r = 0; r < n; ++r)
     for (int64_t j = 0; j < d; ++j) d_scaled[r * d + j] = d_out[r * ld_out + j] * inv_sum[r];
-  SmallGemm<true>(big_n, d, n, 1.0f, exp, big_n, d_scaled, d, dv, ld_in, gemm_scratch);
-  Transpose(big_n, d, v, ld_in, v_t);
+  SmallGemm<true>(big_n, d, n, 1.0f, exp, big_n, d_scaled, d, dv, l.ld_kv, gemm_scratch);
+  Transpose(big_n, d, v, l.ld_kv, v_t);
   SmallGemm<false>(n, big_n, d, 1.0f, d_scaled, d, v_t, big_n, d_logits, big_n, gemm_scratch);
   for (int64_t r = 0; r < n; ++r) {
     float row = 0.0f;  // Σ_k P·dP = dout · out
@@ -371,32 +394,9 @@ void AttentionBackward(int64_t n, int64_t big_n, int64_t d, float scale, const f
     for (int64_t j = 0; j < big_n; ++j)
       d_logits[r * big_n + j] = exp[r * big_n + j] * (d_logits[r * big_n + j] - shift);
   }
-  SmallGemm<false>(n, d, big_n, scale, d_logits, big_n, k, ld_in, dq, ld_in, gemm_scratch);
-  SmallGemm<true>(big_n, d, n, scale, d_logits, big_n, q, ld_in, dk, ld_in, gemm_scratch);
+  SmallGemm<false>(n, d, big_n, l.scale, d_logits, big_n, k, l.ld_kv, dq, l.ld_q, gemm_scratch);
+  SmallGemm<true>(big_n, d, n, l.scale, d_logits, big_n, q, l.ld_q, dk, l.ld_kv, gemm_scratch);
 }
-
-using F32 = ffi::Buffer<ffi::F32>;
-using F32Out = ffi::ResultBuffer<ffi::F32>;
-
-// Where item i = (batch b, head h) keeps its rows. Separate buffers (heads == 0): q, out [n, d],
-// k, v [N, d], one item after another. Fused (heads == H): qkv [B, N, 3·D] and out [B, N, D],
-// D = H·d, head h in columns h·d .. h·d + d - 1 of q's, k's, v's (and out's) D columns. The
-// gradients of q, k, v have their layout.
-struct Layout {
-  int64_t items, n, big_n, d;
-  int64_t ld_in, ld_out;  // row strides of q, k, v and of out
-  float scale;            // logits = scale · q·kᵀ
-  int64_t heads = 0, width = 0;
-
-  int64_t Q(int64_t i) const {
-    return heads ? (i / heads) * big_n * 3 * width + (i % heads) * d : i * n * d;
-  }
-  int64_t K(int64_t i) const { return heads ? Q(i) + width : i * big_n * d; }
-  int64_t V(int64_t i) const { return heads ? Q(i) + 2 * width : i * big_n * d; }
-  int64_t Out(int64_t i) const {
-    return heads ? (i / heads) * n * width + (i % heads) * d : i * n * d;
-  }
-};
 
 // Asks for x [rows, cols] (row stride ld) to be brought into cache. The loops below call it for
 // the next item before computing this one: in the fused layout an item's rows are a column slice
@@ -410,21 +410,22 @@ void Prefetch(const float* x, int64_t rows, int64_t cols, int64_t ld) {
   }
 }
 
+void PrefetchInputs(const Layout& l, int64_t i, const float* q, const float* k, const float* v) {
+  Prefetch(q + l.Q(i), l.n, l.d, l.ld_q);
+  Prefetch(k + l.K(i), l.big_n, l.d, l.ld_kv);
+  Prefetch(v + l.V(i), l.big_n, l.d, l.ld_kv);
+}
+
 void Forward(ffi::ThreadPool& pool, const Layout& l, const float* q, const float* k, const float* v,
              float* out, float* exp, float* inv_sum) {
   const int64_t parts = std::min(4 * Threads(pool), l.items);
-  ParallelParts::Run(pool, parts, [=](int64_t p) {
-    std::vector<float> scratch(AttentionScratch(l.n, l.big_n, l.d));
+  ParallelParts::Run(pool, parts, [=, &l](int64_t p) {
+    std::vector<float> scratch(l.Scratch());
     const int64_t end = l.items * (p + 1) / parts;
     for (int64_t i = l.items * p / parts; i < end; ++i) {
-      if (i + 1 < end) {
-        Prefetch(q + l.Q(i + 1), l.n, l.d, l.ld_in);
-        Prefetch(k + l.K(i + 1), l.big_n, l.d, l.ld_in);
-        Prefetch(v + l.V(i + 1), l.big_n, l.d, l.ld_in);
-      }
-      AttentionForward(l.n, l.big_n, l.d, l.scale, q + l.Q(i), k + l.K(i), v + l.V(i), l.ld_in,
-                       exp + i * l.n * l.big_n, inv_sum + i * l.n, out + l.Out(i), l.ld_out,
-                       scratch.data());
+      if (i + 1 < end) PrefetchInputs(l, i + 1, q, k, v);
+      AttentionForward(l, q + l.Q(i), k + l.K(i), v + l.V(i), exp + i * l.n * l.big_n,
+                       inv_sum + i * l.n, out + l.Out(i), scratch.data());
     }
   });
 }
@@ -433,21 +434,18 @@ void Backward(ffi::ThreadPool& pool, const Layout& l, const float* q, const floa
               const float* v, const float* out, const float* exp, const float* inv_sum,
               const float* d_out, float* dq, float* dk, float* dv) {
   const int64_t parts = std::min(4 * Threads(pool), l.items);
-  ParallelParts::Run(pool, parts, [=](int64_t p) {
-    std::vector<float> scratch(AttentionScratch(l.n, l.big_n, l.d));
+  ParallelParts::Run(pool, parts, [=, &l](int64_t p) {
+    std::vector<float> scratch(l.Scratch());
     const int64_t end = l.items * (p + 1) / parts;
     for (int64_t i = l.items * p / parts; i < end; ++i) {
       if (i + 1 < end) {
-        Prefetch(q + l.Q(i + 1), l.n, l.d, l.ld_in);
-        Prefetch(k + l.K(i + 1), l.big_n, l.d, l.ld_in);
-        Prefetch(v + l.V(i + 1), l.big_n, l.d, l.ld_in);
+        PrefetchInputs(l, i + 1, q, k, v);
         Prefetch(out + l.Out(i + 1), l.n, l.d, l.ld_out);
         Prefetch(d_out + l.Out(i + 1), l.n, l.d, l.ld_out);
       }
-      AttentionBackward(l.n, l.big_n, l.d, l.scale, q + l.Q(i), k + l.K(i), v + l.V(i), l.ld_in,
-                        out + l.Out(i), d_out + l.Out(i), l.ld_out, exp + i * l.n * l.big_n,
-                        inv_sum + i * l.n, dq + l.Q(i), dk + l.K(i), dv + l.V(i),
-                        scratch.data());
+      AttentionBackward(l, q + l.Q(i), k + l.K(i), v + l.V(i), out + l.Out(i), d_out + l.Out(i),
+                        exp + i * l.n * l.big_n, inv_sum + i * l.n, dq + l.Q(i), dk + l.K(i),
+                        dv + l.V(i), scratch.data());
     }
   });
 }
@@ -459,7 +457,7 @@ std::optional<Layout> HeadsLayout(F32& q, F32& k, F32& v) {
   const int64_t items = rank >= 2 ? Items(qd, kd, v.dimensions()) : -1;
   if (items < 0 || !Same(kd, v.dimensions()) || qd[rank - 1] != kd[rank - 1]) return std::nullopt;
   const int64_t n = qd[rank - 2], big_n = kd[rank - 2], d = qd[rank - 1];
-  return Layout{items, n, big_n, d, d, d, 1.0f};
+  return Layout{items, n, big_n, d, 1.0f, 1, d, d, d, n * d, big_n * d, n * d, 0, 0};
 }
 
 // One fused qkv [B, N, 3·D] (columns: q heads, k heads, v heads), out [B, N, D].
@@ -467,11 +465,26 @@ std::optional<Layout> QkvLayout(F32& qkv, int64_t heads, float scale) {
   const auto dims = qkv.dimensions();
   if (dims.size() != 3 || heads < 1 || dims[2] % (3 * heads) != 0) return std::nullopt;
   const int64_t width = dims[2] / 3, big_n = dims[1];
-  return Layout{dims[0] * heads, big_n, big_n, width / heads, 3 * width, width, scale, heads,
-                width};
+  return Layout{dims[0] * heads, big_n,     big_n,         width / heads, scale,
+                heads,           3 * width, 3 * width,     width,         big_n * 3 * width,
+                big_n * 3 * width, big_n * width, width,   2 * width};
 }
 
-const char kShapes[] = "adc_jax attention: q [..., n, d], k, v [..., N, d] or qkv [B, N, 3·H·d]";
+// Queries q [B, n, D] (already scaled) of some rows, keys and values kv [B, N, 2·D] (columns: k
+// heads, v heads) of all, out [B, n, D]: the last client block under ADC (vit.Attention's select).
+std::optional<Layout> SelectLayout(F32& q, F32& kv, int64_t heads) {
+  const auto qd = q.dimensions(), kvd = kv.dimensions();
+  if (qd.size() != 3 || kvd.size() != 3 || heads < 1 || qd[0] != kvd[0] ||
+      kvd[2] != 2 * qd[2] || qd[2] % heads != 0)
+    return std::nullopt;
+  const int64_t width = qd[2], n = qd[1], big_n = kvd[1];
+  return Layout{qd[0] * heads, n, big_n, width / heads, 1.0f, heads, width, 2 * width, width,
+                n * width, big_n * 2 * width, n * width, 0, width};
+}
+
+const char kShapes[] =
+    "adc_jax attention: q [..., n, d], k, v [..., N, d]; qkv [B, N, 3·H·d]; or q [B, n, H·d], "
+    "kv [B, N, 2·H·d]";
 
 ffi::Error Attention(ffi::ThreadPool pool, F32 q, F32 k, F32 v, F32Out out, F32Out exp,
                      F32Out inv_sum) {
@@ -512,6 +525,27 @@ ffi::Error AttentionQkvGrad(ffi::ThreadPool pool, F32 qkv, F32 out, F32 exp, F32
   return ffi::Error::Success();
 }
 
+ffi::Error AttentionSelect(ffi::ThreadPool pool, F32 q, F32 kv, F32Out out, F32Out exp,
+                           F32Out inv_sum, int64_t heads) {
+  const auto layout = SelectLayout(q, kv, heads);
+  if (!layout) return ffi::Error::InvalidArgument(kShapes);
+  const float* p = kv.typed_data();
+  Forward(pool, *layout, q.typed_data(), p, p, out->typed_data(), exp->typed_data(),
+          inv_sum->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionSelectGrad(ffi::ThreadPool pool, F32 q, F32 kv, F32 out, F32 exp, F32 inv_sum,
+                               F32 d_out, F32Out dq, F32Out d_kv, int64_t heads) {
+  const auto layout = SelectLayout(q, kv, heads);
+  if (!layout) return ffi::Error::InvalidArgument(kShapes);
+  const float* p = kv.typed_data();
+  float* g = d_kv->typed_data();
+  Backward(pool, *layout, q.typed_data(), p, p, out.typed_data(), exp.typed_data(),
+           inv_sum.typed_data(), d_out.typed_data(), dq->typed_data(), g, g);
+  return ffi::Error::Success();
+}
+
 // LayerNorm over the last axis of x [R, D], per row: mean, rstd = 1/√(mean((x - mean)²) + eps),
 // y = (x - mean)·rstd·scale + bias (vit.layer_norm's formula: the variance of the centred row).
 // XLA on a CPU spends several full-size passes on it (centred row, broadcast inverse deviation,
@@ -520,15 +554,17 @@ ffi::Error AttentionQkvGrad(ffi::ThreadPool pool, F32 qkv, F32 out, F32 exp, F32
 // partial dscale and dbias in chunk order, so no number depends on the number of threads.
 constexpr int64_t kNormChunk = 64;  // rows per part
 
+int64_t Count(const F32& x) { return static_cast<int64_t>(x.element_count()); }
+
 int64_t NormChunks(int64_t rows) { return (rows + kNormChunk - 1) / kNormChunk; }
 
 ffi::Error LayerNormForward(ffi::ThreadPool pool, F32 x, F32 scale, F32 bias, F32Out y,
                             F32Out mean, F32Out rstd, float eps) {
   const auto dims = x.dimensions();
   const int64_t d = dims.size() ? dims[dims.size() - 1] : -1;
-  if (d < 0 || scale.element_count() != d || bias.element_count() != d)
+  if (d < 0 || Count(scale) != d || Count(bias) != d)
     return ffi::Error::InvalidArgument("adc_jax layer_norm: x [..., D], scale and bias [D]");
-  const int64_t rows = d ? x.element_count() / d : 0;
+  const int64_t rows = d ? Count(x) / d : 0;
   const float *x_data = x.typed_data(), *s = scale.typed_data(), *b = bias.typed_data();
   float *y_data = y->typed_data(), *mean_data = mean->typed_data(), *rstd_data = rstd->typed_data();
   ParallelParts::Run(pool, NormChunks(rows), [=](int64_t part) {
@@ -568,10 +604,10 @@ ffi::Error LayerNormBackward(ffi::ThreadPool pool, F32 x, F32 mean, F32 rstd, F3
                              F32Out dx, F32Out dscale, F32Out dbias) {
   const auto dims = x.dimensions();
   const int64_t d = dims.size() ? dims[dims.size() - 1] : -1;
-  if (d < 0 || scale.element_count() != d || !Same(dims, dy.dimensions()) ||
-      mean.element_count() * d != x.element_count() || rstd.element_count() != mean.element_count())
+  if (d < 0 || Count(scale) != d || !Same(dims, dy.dimensions()) ||
+      Count(mean) * d != Count(x) || Count(rstd) != Count(mean))
     return ffi::Error::InvalidArgument("adc_jax layer_norm: x, dy [..., D], statistics [...]");
-  const int64_t rows = d ? x.element_count() / d : 0, chunks = NormChunks(rows);
+  const int64_t rows = d ? Count(x) / d : 0, chunks = NormChunks(rows);
   const float *x_data = x.typed_data(), *mean_data = mean.typed_data();
   const float *rstd_data = rstd.typed_data(), *s = scale.typed_data(), *dy_data = dy.typed_data();
   float* dx_data = dx->typed_data();
@@ -660,6 +696,29 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdcCpuAttentionQkvGrad, AttentionQkvGrad,
                                   .Ret<F32>()
                                   .Attr<int64_t>("heads")
                                   .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdcCpuAttentionSelect, AttentionSelect,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Attr<int64_t>("heads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdcCpuAttentionSelectGrad, AttentionSelectGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Attr<int64_t>("heads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AdcCpuLayerNorm, LayerNormForward,
                               ffi::Ffi::Bind()

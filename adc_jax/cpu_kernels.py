@@ -15,6 +15,8 @@ that run on XLA's own thread pool (the file says how they share the cores):
   on register tiles (OpenBLAS is slow on matrices this small);
 * :func:`attention_qkv_forward` / :func:`attention_qkv_backward`: the same, reading the heads
   straight from the fused ``qkv`` projection and writing them side by side;
+  :func:`attention_select_forward` / :func:`attention_select_backward` from queries of some rows
+  and the keys and values of all, each with its heads side by side (ADC's last client block);
 * :func:`layer_norm_forward` / :func:`layer_norm_backward`: one pass over the rows each way.
 
 They are used on a CPU only, for float32 operands, and only where they can be built: the first
@@ -53,6 +55,8 @@ ATTENTION_TARGET = "adc_jax_cpu_attention"
 ATTENTION_GRAD_TARGET = "adc_jax_cpu_attention_grad"
 ATTENTION_QKV_TARGET = "adc_jax_cpu_attention_qkv"
 ATTENTION_QKV_GRAD_TARGET = "adc_jax_cpu_attention_qkv_grad"
+ATTENTION_SELECT_TARGET = "adc_jax_cpu_attention_select"
+ATTENTION_SELECT_GRAD_TARGET = "adc_jax_cpu_attention_select_grad"
 LAYER_NORM_TARGET = "adc_jax_cpu_layer_norm"
 LAYER_NORM_GRAD_TARGET = "adc_jax_cpu_layer_norm_grad"
 SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
@@ -201,6 +205,33 @@ def attention_qkv_backward(qkv, out, exp, inv_sum, d_out, heads: int, scale: flo
     )
 
 
+def attention_select_forward(q: jax.Array, kv: jax.Array, heads: int):
+    """:func:`attention_forward` for queries of some rows ``q [B, n, D]`` (scaled; heads side by
+    side, ``D = H·d``) against keys and values of all ``kv [B, N, 2·D]`` (``H`` key heads, then
+    ``H`` value heads): ``(out [B, n, D], exp [B, H, n, N], inv_sum [B, H, n, 1])``, no head
+    transposed in or out of place (the last client block under ADC, ``vit.Attention``'s
+    ``select``)."""
+    b, n, width = q.shape
+    shapes = ((b, n, width), (b, heads, n, kv.shape[1]), (b, heads, n))
+    call = _ffi_call(
+        ATTENTION_SELECT_TARGET,
+        tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes),
+        vmap_method="sequential",
+    )
+    out, exp, inv_sum = call(q, kv, heads=np.int64(heads))
+    return out, exp, inv_sum[..., None]
+
+
+def attention_select_backward(q, kv, out, exp, inv_sum, d_out, heads: int):
+    """The backward pass of :func:`attention_select_forward`: ``(dq, dkv)``."""
+    call = _ffi_call(
+        ATTENTION_SELECT_GRAD_TARGET,
+        (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(kv.shape, jnp.float32)),
+        vmap_method="sequential",
+    )
+    return call(q, kv, out, exp, inv_sum[..., 0], d_out, heads=np.int64(heads))
+
+
 def attention_backward(q, k, v, out, exp, inv_sum, d_out):
     """The backward pass of :func:`attention_forward`'s softmax attention: ``(dq, dk, dv)``."""
     call = _ffi_call(
@@ -259,6 +290,8 @@ def _load() -> tuple[bool, str]:
         (ATTENTION_GRAD_TARGET, library.AdcCpuAttentionGrad),
         (ATTENTION_QKV_TARGET, library.AdcCpuAttentionQkv),
         (ATTENTION_QKV_GRAD_TARGET, library.AdcCpuAttentionQkvGrad),
+        (ATTENTION_SELECT_TARGET, library.AdcCpuAttentionSelect),
+        (ATTENTION_SELECT_GRAD_TARGET, library.AdcCpuAttentionSelectGrad),
         (LAYER_NORM_TARGET, library.AdcCpuLayerNorm),
         (LAYER_NORM_GRAD_TARGET, library.AdcCpuLayerNormGrad),
     ):

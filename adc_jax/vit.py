@@ -397,31 +397,64 @@ class Attention(nn.Module):
         if select is None and cpu_kernels.use_kernel(self.dtype):
             # On a CPU, one call for all heads straight from the projection's layout.
             out, first_row = fused_attention(qkv(x), h)
+        elif select is None:
+            q, k, v = jnp.split(qkv(x), 3, axis=2)  # [B, N, D] each
+            out, first_row = _attention_by_heads(q * scale, k, v, h)
         else:
-            if select is None:
-                q, k, v = jnp.split(qkv(x), 3, axis=2)  # [B, N, D] each
-                q = q * scale
-            else:
-                # Keys and values for every token; queries only for CLS (the scores), then for the
-                # rows the selector keeps.
-                k, v = jnp.split(qkv(x, columns=slice(d, 3 * d)), 2, axis=2)
-            k, v = _heads(k, h), _heads(v, h)  # [B, H, N, hd]
-            if select is not None:
-                q_cls = qkv(x[:, :1], columns=slice(0, d)) * scale
-                # Same kernel as the full path's row 0: both paths rank tokens by the same numbers.
-                cls_row = attention(*jax.lax.stop_gradient((_heads(q_cls, h), k, v)))[1]
-                cls_attention = cls_row.mean(axis=1)  # [B, N]
-                positions, aux = select(cls_attention)
-                selection = (positions, aux)
-                kept = jnp.take_along_axis(x, positions[:, :, None], axis=1)  # [B, k, D]
-                q = qkv(kept, columns=slice(0, d)) * scale
-            out, first_row = attention(_heads(q, h), k, v)  # [B, H, n_q, hd], [B, H, N]
-            out = out.transpose(0, 2, 1, 3).reshape(b, q.shape[1], d)  # heads back to features
+            # Keys and values for every token; queries only for CLS (the scores), then for the
+            # rows the selector keeps.
+            kv = qkv(x, columns=slice(d, 3 * d))  # [B, N, 2D]: k heads, v heads
+            q_cls = qkv(x[:, :1], columns=slice(0, d)) * scale
+            # Same kernel as the full path's row 0: both paths rank tokens by the same numbers.
+            cls_row = select_attention(*jax.lax.stop_gradient((q_cls, kv)), h)[1]
+            cls_attention = cls_row.mean(axis=1)  # [B, N]
+            positions, aux = select(cls_attention)
+            selection = (positions, aux)
+            kept = jnp.take_along_axis(x, positions[:, :, None], axis=1)  # [B, k, D]
+            q = qkv(kept, columns=slice(0, d)) * scale
+            out, first_row = select_attention(q, kv, h)  # [B, k, D], [B, H, N]
         out = _dense(d, "proj", self.dtype)(out)
         if selection is not None:
             return out, cls_attention, selection
         cls_attention = first_row.mean(axis=1) if return_cls_attention else None
         return out, cls_attention
+
+
+def select_attention(q: jax.Array, kv: jax.Array, num_heads: int) -> tuple[jax.Array, jax.Array]:
+    """:func:`attention` of queries ``q [B, n, D]`` (pre-scaled) against keys and values ``kv [B,
+    N, 2D]`` (the projection's key columns, then its value columns), heads side by side in
+    every array: ``(out [B, n, D], probs[:, :, 0, :] [B, H, N])``. On a CPU in float32 one call of
+    :func:`adc_jax.cpu_kernels.attention_select_forward`, which reads and writes the heads in
+    place; elsewhere the heads are moved to a batch axis and back."""
+    if cpu_kernels.use_kernel(q.dtype, kv.dtype):
+        return _select_attention(q, kv, num_heads)
+    k, v = jnp.split(kv, 2, axis=2)
+    return _attention_by_heads(q, k, v, num_heads)
+
+
+def _attention_by_heads(q, k, v, num_heads):
+    """:func:`attention` of ``q [B, n, D]``, ``k, v [B, N, D]``: ``(out [B, n, D], first row)``."""
+    b, n, d = q.shape
+    out, first_row = attention(_heads(q, num_heads), _heads(k, num_heads), _heads(v, num_heads))
+    return out.transpose(0, 2, 1, 3).reshape(b, n, d), first_row  # heads back to features
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _select_attention(q, kv, num_heads):
+    return _select_attention_fwd(q, kv, num_heads)[0]
+
+
+def _select_attention_fwd(q, kv, num_heads):
+    out, exp, inv_sum = cpu_kernels.attention_select_forward(q, kv, num_heads)
+    first_row = exp[:, :, 0, :] * inv_sum[:, :, 0, :]
+    return (out, first_row), (q, kv, out, exp, inv_sum)
+
+
+def _select_attention_bwd(num_heads, residuals, cotangents):
+    return cpu_kernels.attention_select_backward(*residuals, cotangents[0], num_heads)
+
+
+_select_attention.defvjp(_select_attention_fwd, _select_attention_bwd)
 
 
 def _heads(x: jax.Array, num_heads: int) -> jax.Array:

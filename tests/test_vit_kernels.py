@@ -107,6 +107,26 @@ def test_fused_attention_reads_heads_from_qkv(n, hd):
     assert_close(ours[1][0], theirs[1][0], rtol=1e-4, atol=2e-5)
 
 
+def test_select_attention_equals_softmax_einsum(kernels):
+    # ADC's last client block: queries of 5 rows against keys and values of 70 (a whole tile and
+    # a remainder), heads side by side.
+    b, n, big_n, h, hd = 2, 5, 70, 3, 16
+    q = jax.random.normal(jax.random.key(10), (b, n, h * hd))
+    kv = 2 * jax.random.normal(jax.random.key(11), (b, big_n, 2 * h * hd))
+
+    def reference(q, kv):
+        def heads(x):
+            return x.reshape(b, -1, h, hd).transpose(0, 2, 1, 3)
+
+        out, first = _softmax_attention(*map(heads, (q, *jnp.split(kv, 2, axis=2))))
+        return out.transpose(0, 2, 1, 3).reshape(b, n, h * hd), first
+
+    select_attention = jax.jit(lambda q, kv: vit.select_attention(q, kv, h))
+    lowered = select_attention.lower(q, kv).as_text()
+    assert (cpu_kernels.ATTENTION_SELECT_TARGET in lowered) == kernels
+    assert_close(grads(select_attention, q, kv), grads(reference, q, kv), rtol=1e-4, atol=2e-5)
+
+
 def test_model_gradients_with_and_without_cpu_kernels(monkeypatch):
     """A whole split model's loss and gradients agree with the kernels on and off."""
     model = vit.make_model("vit_test_patch4_16", split_index=2, num_classes=10)
