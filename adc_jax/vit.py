@@ -382,7 +382,7 @@ class Attention(nn.Module):
     def __call__(
         self, x: jax.Array, return_cls_attention: bool = False, select: Selector | None = None
     ) -> tuple:
-        b, n, d = x.shape
+        d = x.shape[-1]
         h = self.num_heads
         hd = d // h
         # One [D, 3D] matmul instead of three: fewer, larger GEMMs are faster on CPU, and the output

@@ -31,6 +31,12 @@ Records (every one carries the device, versions, XLA flags and the 1-minute load
   process, and ``record="paired_ratio"`` (``step_over_base``, ``fused_step_over_base``): the
   ratio of ADC's step to Base's without the drift between two processes (the grid adds this run
   for B = 64, ξ = 0.1, the configuration of issue #8's target).
+* ``--paired-torch`` (Base, with ``--torch-python``): ``record="paired_torch"``, ``phase`` ∈
+  ``fused_step``, ``step`` (ours), ``torch_step``, ``torch_split_step`` (PyTorch's, timed in its
+  own process, ``torch_step.py --serve``), one call of each in turn per round with a 0.2 s pause
+  between them, and ``record="paired_torch_ratio"`` (``fused_over_torch``, ``split_over_torch``):
+  ours over PyTorch's without the drift between two processes run minutes apart (the grid adds
+  this run per batch size when it has ``--torch-python`` on a CPU).
 * ``record="input"``: host→device bytes per step of a uint8 32×32×3 batch (CIFAR, as the training
   loop ships it) and of a float32 batch at the model's resolution, their ``device_put`` times, and
   the time of the on-device augmentation (:func:`adc_jax.augment.train_augment`: RandAugment,
@@ -80,6 +86,7 @@ from common import (  # noqa: E402
     emit,
     environment,
     peak_memory,
+    summary,
     timed,
     timed_interleaved,
 )
@@ -128,11 +135,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="time this ADC configuration's steps and Base's alternately in one process",
     )
+    p.add_argument(
+        "--paired-torch",
+        action="store_true",
+        help="Base: time our steps and PyTorch's (--torch-python, benchmarks/torch_step.py "
+        "--serve) alternately, one call at a time, PyTorch in a second process",
+    )
     p.add_argument("--grid", action="store_true", help="the whole grid, one process per config")
     p.add_argument(
         "--torch-python",
-        help="with --grid: an interpreter with torch + timm; runs benchmarks/torch_step.py per "
-        "batch size (2 threads) and reports our Base step over PyTorch's",
+        help="with --grid or --paired-torch: an interpreter with torch + timm; runs "
+        "benchmarks/torch_step.py per batch size (2 threads) and reports our Base step over "
+        "PyTorch's",
     )
     p.add_argument(
         "--malloc",
@@ -315,6 +329,72 @@ def bench_paired(args) -> list[dict[str, Any]]:
     return records
 
 
+# Seconds between handing the cores from one framework to the other: their idle worker threads
+# (XLA's pool, PyTorch's OpenMP team) spin for a while after each call before they sleep.
+HANDOVER_PAUSE_S = 0.2
+
+
+def bench_paired_torch(args) -> list[dict[str, Any]]:
+    """Our Base steps and PyTorch's at the same batch, alternated call by call.
+
+    Ours over PyTorch's from two processes run minutes apart carries the VM's drift (4-5 % between
+    grids here); here PyTorch's step runs in a second process (``torch_step.py --serve``, started
+    now, same environment) that waits on a pipe while ours runs, and each round calls our fused
+    step, PyTorch's step, our split step and PyTorch's split step once.
+    """
+    if args.method != "base" or not args.torch_python:
+        raise SystemExit("--paired-torch times Base (--method base) against --torch-python.")
+    env = {**_config(args), **environment()}
+    _, protocol, state, batch = setup(args)
+    programs = _programs(protocol, args.donate)
+    holder = [state]
+
+    def ours(run):
+        holder[0], metrics = run(holder[0], batch)
+        jax.block_until_ready((holder[0], metrics))
+
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_step.py")
+    command = [args.torch_python, script, "--serve", "--model", args.model]
+    command += ["--batch", str(args.batch), "--split-index", str(args.split_index)]
+    command += ["--num-classes", str(args.num_classes), "--threads", "2"]
+    server = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def theirs(phase):
+        server.stdin.write(phase + "\n")
+        server.stdin.flush()
+        return json.loads(server.stdout.readline())["s"]
+
+    calls = {
+        "fused_step": lambda: ours(programs.fused_step),
+        "torch_step": lambda: theirs("step"),
+        "step": lambda: ours(programs.split_step),
+        "torch_split_step": lambda: theirs("split_step"),
+    }
+    times = {name: [] for name in calls}
+    try:
+        for round_ in range(max(args.warmup, 1) + args.steps):
+            for name, call in calls.items():
+                time.sleep(HANDOVER_PAUSE_S)
+                start = time.perf_counter()
+                inner = call()  # PyTorch's own time of its call, without the pipe
+                elapsed = inner if inner is not None else time.perf_counter() - start
+                if round_ >= max(args.warmup, 1):
+                    times[name].append(elapsed)
+    finally:
+        server.stdin.close()
+        server.wait()
+    records = [
+        {"record": "paired_torch", "phase": name, **summary(t), **env} for name, t in times.items()
+    ]
+    median = {name: summary(t)["median_s"] for name, t in times.items()}
+    ratios = {
+        "fused_over_torch": median["fused_step"] / median["torch_step"],
+        "split_over_torch": median["step"] / median["torch_split_step"],
+    }
+    records.append({"record": "paired_torch_ratio", **ratios, **env})
+    return records
+
+
 def _time_programs(programs, state, batch, steps, add):
     """Times client_forward, server_step and client_backward one by one; returns the state."""
     add("client_forward", timed(lambda: programs.client_forward(state, batch), steps, 0))
@@ -435,6 +515,9 @@ def run_grid(args) -> list[dict[str, Any]]:
     runs += [["--batch", str(b), "--method", "base", "--no-cpu-kernels"] for b in args.batches]
     if 64 in args.batches and 0.1 in args.xis:  # the target's ratio, also measured paired
         runs.append(["--batch", "64", "--method", "adc", "--xi", "0.1", "--paired-base"])
+    if args.torch_python and args.torch_device == "cpu":  # ours against PyTorch's, alternated
+        paired = ["--method", "base", "--paired-torch", "--torch-python", args.torch_python]
+        runs += [["--batch", str(b), *paired] for b in args.batches]
     commands = [[sys.executable, script, *common, *run] for run in runs]
     if args.torch_python:
         torch_script = os.path.join(os.path.dirname(script), "torch_step.py")
@@ -541,6 +624,10 @@ def summarize(records) -> list[dict[str, Any]]:
     for r in out_default:
         if "fused_over_torch" in r:
             targets.append((f"base_fused_over_torch_B{r['batch']}", r["fused_over_torch"], 1.0))
+    for r in records:
+        if r.get("record") == "paired_torch_ratio" and variant(r) == DEFAULT_VARIANT:
+            name = f"base_fused_over_torch_B{r['batch']}_paired"
+            targets.append((name, r["fused_over_torch"], 1.0))
     for name, value, limit in targets:
         out.append(
             {
@@ -609,6 +696,15 @@ def markdown(records) -> str:
                 f"| {r['batch']} | {r['xi']:g} | {variant(r)} | {r['step_over_base']:.3f} | "
                 f"{r['fused_step_over_base']:.3f} |"
             )
+    paired_torch = [r for r in records if r.get("record") == "paired_torch_ratio"]
+    if paired_torch:
+        lines += ["", "| B | variant | our fused / PyTorch's step, alternated | split / split |"]
+        lines.append("|---|---|---|---|")
+        for r in sorted(paired_torch, key=lambda r: r["batch"]):
+            lines.append(
+                f"| {r['batch']} | {variant(r)} | {r['fused_over_torch']:.3f} | "
+                f"{r['split_over_torch']:.3f} |"
+            )
     targets = [r for r in records if r.get("record") == "target"]
     if targets:
         lines.append("\nIssue #8's targets (set for its 2-core CPU; default variant only):")
@@ -642,6 +738,8 @@ def main(argv=None) -> list[dict[str, Any]]:
         records = bench_input(args)
     elif args.paired_base:
         records = bench_paired(args)
+    elif args.paired_torch:
+        records = bench_paired_torch(args)
     else:
         records = bench_config(args)
     for record in records:

@@ -44,6 +44,13 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--split", action="store_true", help="also time the client/server split step")
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        help="no timing loop: after setup, run one call per line read from stdin (step or "
+        "split_step) and answer each with a JSON line of its seconds (benchmarks/step.py "
+        "--paired-torch alternates these calls with its own)",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument(
         "--no-tf32", dest="tf32", action="store_false", help="CUDA: float32 matmuls in full fp32"
@@ -129,6 +136,42 @@ def split_step(model, client_opt, server_opt, images, labels, split_index):
     client_opt.step()
 
 
+def split_optimizers(model, split_index):
+    """One Adam for the client's parameters (patch embedding, CLS, positions, blocks before the
+    cut) and one for the server's."""
+    client_params = [
+        *model.patch_embed.parameters(),
+        model.cls_token,
+        model.pos_embed,
+        *model.blocks[:split_index].parameters(),
+    ]
+    ids = {id(p) for p in client_params}
+    server_params = [p for p in model.parameters() if id(p) not in ids]
+    return (
+        torch.optim.Adam(client_params, lr=1e-4, eps=1e-8),
+        torch.optim.Adam(server_params, lr=1e-4, eps=1e-8),
+    )
+
+
+def serve(model, opt, images, labels, split_index, sync) -> int:
+    """One call per stdin line (``step``: the Base step; ``split_step``), each answered with
+    ``{"phase": ..., "s": seconds}`` on stdout; returns at the end of stdin."""
+    client_opt, server_opt = split_optimizers(model, split_index)
+    calls = {
+        "step": lambda: base_step(model, opt, images, labels),
+        "split_step": lambda: split_step(
+            model, client_opt, server_opt, images, labels, split_index
+        ),
+    }
+    for line in sys.stdin:
+        phase = line.strip()
+        start = time.perf_counter()
+        calls[phase]()
+        sync()
+        print(json.dumps({"phase": phase, "s": time.perf_counter() - start}), flush=True)
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -157,19 +200,12 @@ def main(argv=None):
     if cuda:
         base["tf32"] = args.tf32
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, eps=1e-8)
+    if args.serve:
+        return serve(model, opt, images, labels, args.split_index, sync)
     result = timed(lambda: base_step(model, opt, images, labels), args.steps, args.warmup, sync)
     print(json.dumps({"record": "time", "phase": "step", **result, **base}), flush=True)
     if args.split:
-        client_params = [
-            *model.patch_embed.parameters(),
-            model.cls_token,
-            model.pos_embed,
-            *model.blocks[: args.split_index].parameters(),
-        ]
-        ids = {id(p) for p in client_params}
-        server_params = [p for p in model.parameters() if id(p) not in ids]
-        client_opt = torch.optim.Adam(client_params, lr=1e-4, eps=1e-8)
-        server_opt = torch.optim.Adam(server_params, lr=1e-4, eps=1e-8)
+        client_opt, server_opt = split_optimizers(model, args.split_index)
 
         def step():
             split_step(model, client_opt, server_opt, images, labels, args.split_index)

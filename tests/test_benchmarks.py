@@ -65,6 +65,29 @@ def test_paired_base_alternates_adc_and_base_in_one_process(step, monkeypatch):
         step.main([*argv.split(), "--method", "base", "--paired-base"])
 
 
+def test_paired_torch_alternates_with_a_second_process(step, monkeypatch, tmp_path):
+    # A stand-in for torch_step.py --serve (torch is not a dependency): answers every call with
+    # 0.5 s, so the ratios are our medians over 0.5.
+    fake = tmp_path / "fake_torch_python"
+    answer = 'echo "{\\"phase\\": \\"$p\\", \\"s\\": 0.5}"'
+    fake.write_text(f"#!/bin/sh\nwhile read p; do {answer}; done\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(step, "HANDOVER_PAUSE_S", 0.0)
+    argv = "--model vit_test_patch4_16 --split-index 2 --num-classes 10 --batch 8 --method base"
+    records = step.main(
+        [*argv.split(), "--steps", "2", "--xla-default", "--paired-torch"]
+        + ["--torch-python", str(fake)]
+    )
+    times = {r["phase"]: r for r in records if r["record"] == "paired_torch"}
+    assert set(times) == {"fused_step", "step", "torch_step", "torch_split_step"}
+    assert times["torch_step"]["times_s"] == [0.5, 0.5]
+    (ratio,) = [r for r in records if r["record"] == "paired_torch_ratio"]
+    assert ratio["fused_over_torch"] == pytest.approx(times["fused_step"]["median_s"] / 0.5)
+    assert ratio["split_over_torch"] == pytest.approx(times["step"]["median_s"] / 0.5)
+    with pytest.raises(SystemExit, match="--method base"):
+        step.main([*argv.split()[:-2], "--method", "adc", "--paired-torch"])
+
+
 def test_grid_summary_and_targets(step):
     """The ratio summary of --grid, on hand-made records (the grid itself takes minutes)."""
 
@@ -88,6 +111,8 @@ def test_grid_summary_and_targets(step):
         {"record": "memory", "batch": 64, "method": "adc", "xi": 0.1, "peak_bytes": 2.5e9},
         {"record": "paired_ratio", "batch": 64, "xi": 0.1, "step_over_base": 0.31}
         | {"fused_step_over_base": 0.29},
+        {"record": "paired_torch_ratio", "batch": 64, "fused_over_torch": 0.97}
+        | {"split_over_torch": 1.01},
     ]
     out = step.summarize(records)
     rows = {(r["batch"], r["method"], r["variant"]): r for r in out if r["record"] == "summary"}
@@ -100,10 +125,13 @@ def test_grid_summary_and_targets(step):
     assert not targets["adc_xi0.1_step_over_base_B64_paired"]["met"]  # 0.31 > 0.30
     assert targets["adc_overhead_over_step_B128"]["value"] == pytest.approx(0.02)
     assert targets["split_over_fused_max"]["met"]  # 1.11 <= 1.15; bfloat16's 2.0 not counted
+    assert targets["base_fused_over_torch_B64_paired"]["value"] == pytest.approx(0.97)
+    assert targets["base_fused_over_torch_B64_paired"]["met"]
     table = step.markdown(records + out)
     assert "| 64 | adc | 0.1 | float32 |" in table and "| 64 | adc | 0.1 | bfloat16 |" in table
     assert "| 0.250 | 256 | 2.50 |" in table  # step/Base, images/s, peak GB of float32 ADC
     assert "| 64 | 0.1 | float32 | 0.310 | 0.290 |" in table
+    assert "| 64 | float32 | 0.970 | 1.010 |" in table
     # Where the kernel is off for want of a CPU (a GPU's records), the variant is the default.
     assert step.variant({"cpu_kernels": "off: backend gpu"}) == step.DEFAULT_VARIANT
 
