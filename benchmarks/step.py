@@ -49,7 +49,7 @@ Records (every one carries the device, versions, XLA flags and the 1-minute load
 there so that accelerator choices are visible in the same script; on a CPU neither helps. Records
 carry them, and the tables keep each combination (the *variant*) apart; step/Base compares within
 a variant, and the targets read the default one (float32, donated). ``--no-cpu-kernels`` turns off
-:mod:`adc_jax.cpu_kernels` (OpenBLAS for the weight gradients and attention's products on a CPU;
+:mod:`adc_jax.cpu_kernels` (the weight gradients, attention and LayerNorm on a CPU;
 records name its state in ``cpu_kernels``); the grid runs Base that way too, beside the default.
 ``benchmarks/gpu.sh`` runs the set for a GPU.
 
@@ -127,7 +127,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--no-cpu-kernels",
         action="store_true",
-        help="XLA's products only (ADC_JAX_CPU_KERNELS=0: no OpenBLAS kernel on a CPU)",
+        help="XLA's operations only (ADC_JAX_CPU_KERNELS=0: no adc_jax.cpu_kernels on a CPU)",
     )
     p.add_argument("--input", action="store_true", help="time the input path only")
     p.add_argument(
