@@ -55,6 +55,15 @@ extern "C" void adc_cpu_kernels_set_blas(void* sgemm_fn, void* set_threads_local
 
 namespace {
 
+using F32 = ffi::Buffer<ffi::F32>;
+using F32Out = ffi::ResultBuffer<ffi::F32>;
+template <typename T, const char* name>
+using Attr = ffi::Attr<T, name>;  // the handlers' attributes, by name (see the end of the file)
+constexpr char kTransA[] = "trans_a", kTransB[] = "trans_b", kHeads[] = "heads",
+               kScale[] = "scale", kEps[] = "eps";
+
+int64_t Threads(ffi::ThreadPool& pool) { return std::max<int64_t>(pool.num_threads(), 1); }
+
 // Runs run_part(0 .. parts-1), each part once, on the calling thread and on up to threads - 1
 // tasks of XLA's pool (see the top of this file).
 class ParallelParts {
@@ -62,8 +71,8 @@ class ParallelParts {
   template <typename F>
   static void Run(ffi::ThreadPool& pool, int64_t parts, F run_part) {
     auto job = std::make_shared<Job<F>>(parts, std::move(run_part));
-    const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
-    for (int64_t i = 1; i < std::min(threads, parts); ++i) pool.Schedule([job] { job->Claim(); });
+    for (int64_t i = 1; i < std::min(Threads(pool), parts); ++i)
+      pool.Schedule([job] { job->Claim(); });
     job->Claim();
     while (job->done.load(std::memory_order_acquire) < parts) std::this_thread::yield();
   }
@@ -96,8 +105,6 @@ bool Same(const A& a, const B& b) {
 // Rows per part of a contraction over rows (see Matmul).
 constexpr int64_t kContractionChunk = 4096;
 
-int64_t Threads(ffi::ThreadPool& pool) { return std::max<int64_t>(pool.num_threads(), 1); }
-
 // Row-major c [m, n] = alpha · op(a) · op(b); lda/ldb/ldc are row strides.
 void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
           const float* b, int64_t ldb, float* c, int64_t ldc, float alpha = 1.0f) {
@@ -120,15 +127,17 @@ int64_t Items(const Dims&... dims) {
   return items;
 }
 
-ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                  ffi::ResultBuffer<ffi::F32> c, bool trans_a, bool trans_b) {
+ffi::Error Matmul(ffi::ThreadPool pool, F32 a, F32 b, F32Out c, Attr<bool, kTransA> trans_a_attr,
+                  Attr<bool, kTransB> trans_b_attr) {
+  const bool trans_a = *trans_a_attr, trans_b = *trans_b_attr;
   if (sgemm == nullptr || set_threads_local == nullptr)
     return ffi::Error::Internal("adc_jax cpu_kernels: OpenBLAS was not handed over");
   const auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
   const size_t rank = ad.size();
   const int64_t items = rank >= 2 ? Items(ad, bd, cd) : -1;
   if (items < 0) return ffi::Error::InvalidArgument("adc_jax cpu_kernels: operands' batch axes");
-  const int64_t m = trans_a ? ad[rank - 1] : ad[rank - 2], k = trans_a ? ad[rank - 2] : ad[rank - 1];
+  const int64_t m = trans_a ? ad[rank - 1] : ad[rank - 2];
+  const int64_t k = trans_a ? ad[rank - 2] : ad[rank - 1];
   const int64_t n = trans_b ? bd[rank - 2] : bd[rank - 1];
   if ((trans_b ? bd[rank - 1] : bd[rank - 2]) != k || cd[rank - 2] != m || cd[rank - 1] != n)
     return ffi::Error::InvalidArgument("adc_jax cpu_kernels: shapes do not multiply");
@@ -325,9 +334,6 @@ void SmallGemm(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int
   for (int64_t r = 0; r < m; ++r) std::copy_n(c_tail + r * width, tail, c + r * ldc + j);
 }
 
-using F32 = ffi::Buffer<ffi::F32>;
-using F32Out = ffi::ResultBuffer<ffi::F32>;
-
 // Where item i = (batch element i / heads, head i % heads) of attention keeps its rows: q and out
 // [n, d], k and v [N, d], each with its own row stride, each head d columns wide. The gradients
 // of q, k, v have their layout. Three layouts (the functions below build them):
@@ -506,8 +512,8 @@ ffi::Error AttentionGrad(ffi::ThreadPool pool, F32 q, F32 k, F32 v, F32 out, F32
 }
 
 ffi::Error AttentionQkv(ffi::ThreadPool pool, F32 qkv, F32Out out, F32Out exp, F32Out inv_sum,
-                        int64_t heads, float scale) {
-  const auto layout = QkvLayout(qkv, heads, scale);
+                        Attr<int64_t, kHeads> heads, Attr<float, kScale> scale) {
+  const auto layout = QkvLayout(qkv, *heads, *scale);
   if (!layout) return ffi::Error::InvalidArgument(kShapes);
   const float* p = qkv.typed_data();
   Forward(pool, *layout, p, p, p, out->typed_data(), exp->typed_data(), inv_sum->typed_data());
@@ -515,8 +521,9 @@ ffi::Error AttentionQkv(ffi::ThreadPool pool, F32 qkv, F32Out out, F32Out exp, F
 }
 
 ffi::Error AttentionQkvGrad(ffi::ThreadPool pool, F32 qkv, F32 out, F32 exp, F32 inv_sum,
-                            F32 d_out, F32Out d_qkv, int64_t heads, float scale) {
-  const auto layout = QkvLayout(qkv, heads, scale);
+                            F32 d_out, F32Out d_qkv, Attr<int64_t, kHeads> heads,
+                            Attr<float, kScale> scale) {
+  const auto layout = QkvLayout(qkv, *heads, *scale);
   if (!layout) return ffi::Error::InvalidArgument(kShapes);
   const float* p = qkv.typed_data();
   float* g = d_qkv->typed_data();
@@ -526,8 +533,8 @@ ffi::Error AttentionQkvGrad(ffi::ThreadPool pool, F32 qkv, F32 out, F32 exp, F32
 }
 
 ffi::Error AttentionSelect(ffi::ThreadPool pool, F32 q, F32 kv, F32Out out, F32Out exp,
-                           F32Out inv_sum, int64_t heads) {
-  const auto layout = SelectLayout(q, kv, heads);
+                           F32Out inv_sum, Attr<int64_t, kHeads> heads) {
+  const auto layout = SelectLayout(q, kv, *heads);
   if (!layout) return ffi::Error::InvalidArgument(kShapes);
   const float* p = kv.typed_data();
   Forward(pool, *layout, q.typed_data(), p, p, out->typed_data(), exp->typed_data(),
@@ -536,8 +543,8 @@ ffi::Error AttentionSelect(ffi::ThreadPool pool, F32 q, F32 kv, F32Out out, F32O
 }
 
 ffi::Error AttentionSelectGrad(ffi::ThreadPool pool, F32 q, F32 kv, F32 out, F32 exp, F32 inv_sum,
-                               F32 d_out, F32Out dq, F32Out d_kv, int64_t heads) {
-  const auto layout = SelectLayout(q, kv, heads);
+                               F32 d_out, F32Out dq, F32Out d_kv, Attr<int64_t, kHeads> heads) {
+  const auto layout = SelectLayout(q, kv, *heads);
   if (!layout) return ffi::Error::InvalidArgument(kShapes);
   const float* p = kv.typed_data();
   float* g = d_kv->typed_data();
@@ -559,7 +566,8 @@ int64_t Count(const F32& x) { return static_cast<int64_t>(x.element_count()); }
 int64_t NormChunks(int64_t rows) { return (rows + kNormChunk - 1) / kNormChunk; }
 
 ffi::Error LayerNormForward(ffi::ThreadPool pool, F32 x, F32 scale, F32 bias, F32Out y,
-                            F32Out mean, F32Out rstd, float eps) {
+                            F32Out mean, F32Out rstd, Attr<float, kEps> eps_attr) {
+  const float eps = *eps_attr;
   const auto dims = x.dimensions();
   const int64_t d = dims.size() ? dims[dims.size() - 1] : -1;
   if (d < 0 || Count(scale) != d || Count(bias) != d)
@@ -642,103 +650,19 @@ ffi::Error LayerNormBackward(ffi::ThreadPool pool, F32 x, F32 mean, F32 rstd, F3
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AdcCpuMatmul, Matmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("trans_a")
-                                  .Attr<bool>("trans_b"));
+// Each handler's binding (its buffers, results, attributes and the thread pool) is inferred from
+// its signature; the pool needs the declaration below.
+template <>
+struct xla::ffi::CtxBinding<xla::ffi::ThreadPool> {
+  using Ctx = xla::ffi::ThreadPool;
+};
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AdcCpuAttention, Attention,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Ret<F32>()
-                                  .Ret<F32>()
-                                  .Ret<F32>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AdcCpuAttentionGrad, AttentionGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Ret<F32>()
-                                  .Ret<F32>()
-                                  .Ret<F32>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AdcCpuAttentionQkv, AttentionQkv,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32>()
-                                  .Ret<F32>()
-                                  .Ret<F32>()
-                                  .Ret<F32>()
-                                  .Attr<int64_t>("heads")
-                                  .Attr<float>("scale"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AdcCpuAttentionQkvGrad, AttentionQkvGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Ret<F32>()
-                                  .Attr<int64_t>("heads")
-                                  .Attr<float>("scale"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AdcCpuAttentionSelect, AttentionSelect,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Ret<F32>()
-                                  .Ret<F32>()
-                                  .Ret<F32>()
-                                  .Attr<int64_t>("heads"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AdcCpuAttentionSelectGrad, AttentionSelectGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Ret<F32>()
-                                  .Ret<F32>()
-                                  .Attr<int64_t>("heads"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AdcCpuLayerNorm, LayerNormForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Ret<F32>()
-                                  .Ret<F32>()
-                                  .Ret<F32>()
-                                  .Attr<float>("eps"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AdcCpuLayerNormGrad, LayerNormBackward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Ret<F32>()
-                                  .Ret<F32>()
-                                  .Ret<F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdcCpuMatmul, Matmul);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdcCpuAttention, Attention);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdcCpuAttentionGrad, AttentionGrad);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdcCpuAttentionQkv, AttentionQkv);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdcCpuAttentionQkvGrad, AttentionQkvGrad);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdcCpuAttentionSelect, AttentionSelect);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdcCpuAttentionSelectGrad, AttentionSelectGrad);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdcCpuLayerNorm, LayerNormForward);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdcCpuLayerNormGrad, LayerNormBackward);
