@@ -292,6 +292,18 @@ def bench_config(args) -> list[dict[str, Any]]:
     return records
 
 
+def _stepper(state, batch):
+    """``step(run)``: one call of a step program (split or fused) on the state the previous call
+    left, keeping the new one; returns ``(state, metrics)``."""
+    holder = [state]
+
+    def step(run):
+        holder[0], metrics = run(holder[0], batch)
+        return holder[0], metrics
+
+    return step
+
+
 def bench_paired(args) -> list[dict[str, Any]]:
     """An ADC configuration's steps and Base's at the same batch, alternated in one process.
 
@@ -310,12 +322,7 @@ def bench_paired(args) -> list[dict[str, Any]]:
     ):
         _, protocol, state, batch = setup(config)
         programs = _programs(protocol, config.donate)
-        holder = [state]
-
-        def step(run, holder=holder, batch=batch):
-            holder[0], metrics = run(holder[0], batch)
-            return holder[0], metrics
-
+        step = _stepper(state, batch)
         calls[f"{name}_step"] = partial(step, programs.split_step)
         calls[f"{name}_fused_step"] = partial(step, programs.fused_step)
     times = timed_interleaved(calls, args.steps, max(args.warmup, 1))
@@ -347,11 +354,12 @@ def bench_paired_torch(args) -> list[dict[str, Any]]:
     env = {**_config(args), **environment()}
     _, protocol, state, batch = setup(args)
     programs = _programs(protocol, args.donate)
-    holder = [state]
+    step = _stepper(state, batch)
 
     def ours(run):
-        holder[0], metrics = run(holder[0], batch)
-        jax.block_until_ready((holder[0], metrics))
+        start = time.perf_counter()
+        jax.block_until_ready(step(run))
+        return time.perf_counter() - start
 
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_step.py")
     command = [args.torch_python, script, "--serve", "--model", args.model]
@@ -375,9 +383,7 @@ def bench_paired_torch(args) -> list[dict[str, Any]]:
         for round_ in range(max(args.warmup, 1) + args.steps):
             for name, call in calls.items():
                 time.sleep(HANDOVER_PAUSE_S)
-                start = time.perf_counter()
-                inner = call()  # PyTorch's own time of its call, without the pipe
-                elapsed = inner if inner is not None else time.perf_counter() - start
+                elapsed = call()  # PyTorch's is its own time of the call, without the pipe
                 if round_ >= max(args.warmup, 1):
                     times[name].append(elapsed)
     finally:
