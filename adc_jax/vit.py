@@ -483,10 +483,12 @@ def _attention_fwd(q, k, v):
         out, exp, inv_sum = cpu_kernels.attention_forward(q, k, v)
         first_row = exp[:, :, 0, :] * inv_sum[:, :, 0, :]
         return (out, first_row), (q, k, v, out, exp, inv_sum)
-    logits = cpu_kernels.matmul(q, k, trans_b=True)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
     exp = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
     inv_sum = 1.0 / jnp.sum(exp, axis=-1, keepdims=True)  # [B, H, n, 1]
-    unnormed = cpu_kernels.matmul(exp.astype(v.dtype), v)
+    unnormed = jnp.einsum(
+        "bhqk,bhkd->bhqd", exp.astype(v.dtype), v, preferred_element_type=jnp.float32
+    )
     out = (unnormed * inv_sum).astype(v.dtype)
     first_row = exp[:, :, 0, :] * inv_sum[:, :, 0, :]
     return (out, first_row), (q, k, v, out, exp, inv_sum)
@@ -498,12 +500,14 @@ def _attention_bwd(residuals, cotangents):
         return cpu_kernels.attention_backward(q, k, v, out, exp, inv_sum, cotangents[0])
     d_out = cotangents[0].astype(jnp.float32)  # row 0's cotangent is ignored (stop_gradient)
     d_scaled = (d_out * inv_sum).astype(v.dtype)  # dout / rowsum: P = exp · inv_sum
-    dv = cpu_kernels.matmul(exp.astype(v.dtype), d_scaled, trans_a=True)
-    dp = cpu_kernels.matmul(d_scaled, v, trans_b=True)
+    dv = jnp.einsum(
+        "bhqk,bhqd->bhkd", exp.astype(v.dtype), d_scaled, preferred_element_type=jnp.float32
+    )
+    dp = jnp.einsum("bhqd,bhkd->bhqk", d_scaled, v, preferred_element_type=jnp.float32)
     row = jnp.sum(d_out * out.astype(jnp.float32), axis=-1, keepdims=True)  # Σ_k P·dP
     d_logits = (exp * (dp - row * inv_sum)).astype(q.dtype)
-    dq = cpu_kernels.matmul(d_logits, k)
-    dk = cpu_kernels.matmul(d_logits, q, trans_a=True)
+    dq = jnp.einsum("bhqk,bhkd->bhqd", d_logits, k, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("bhqk,bhqd->bhkd", d_logits, q, preferred_element_type=jnp.float32)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
