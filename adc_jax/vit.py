@@ -357,6 +357,35 @@ class PatchEmbed(nn.Module):
         return x.reshape(b, -1, self.width) + bias.astype(self.dtype)
 
 
+@jax.custom_vjp
+def add_over_batch(x: jax.Array, y: jax.Array) -> jax.Array:
+    """``x + y`` for ``x [B, ...]`` and ``y [1, ...]`` (a parameter shared by the batch, such as
+    the position embedding).
+
+    The gradient of ``y`` is the sum of ``g`` over the batch, computed as the product ``1ᵀ·g``
+    of a ones vector with ``g [B, rest]`` (float32 accumulation, full precision). XLA's CPU
+    reduction over a short leading axis of a wide array is slow: ``[64, 197·192].sum(0)`` takes
+    14 ms on a 2-core Xeon (jax 0.10), the product 0.6 ms (issue #8; one per training step).
+    """
+    return _add_over_batch_fwd(x, y)[0]
+
+
+def _add_over_batch_fwd(x, y):
+    if y.ndim != x.ndim or y.shape[0] != 1 or y.shape[1:] != x.shape[1:]:
+        raise ValueError(f"add_over_batch: y must be [1, *x.shape[1:]]; got {x.shape}, {y.shape}")
+    return x + y, None
+
+
+def _add_over_batch_bwd(_, g):
+    ones = jnp.ones((1, g.shape[0]), g.dtype)
+    rows = g.reshape(g.shape[0], -1)
+    dy = jnp.dot(ones, rows, precision="highest", preferred_element_type=jnp.float32)
+    return g, dy.reshape(1, *g.shape[1:]).astype(g.dtype)
+
+
+add_over_batch.defvjp(_add_over_batch_fwd, _add_over_batch_bwd)
+
+
 Selector = Callable[[jax.Array], tuple[jax.Array, Any]]
 """``select(scores [B, N] float32) -> (positions [B, k] int32, aux)``: which query positions of the
 last client block to compute (see :class:`Client`); ``aux`` is passed through untouched."""
@@ -671,7 +700,7 @@ class Client(nn.Module):
         pos = self.param("pos_embed", _POS_INIT, (1, cfg.seq_len, cfg.width), jnp.float32)
         # DeiT v1: prepend CLS, then add the N-entry position embedding (CLS has a position too).
         cls = jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, cfg.width))
-        x = jnp.concatenate([cls, x], axis=1) + pos.astype(self.dtype)
+        x = add_over_batch(jnp.concatenate([cls, x], axis=1), pos.astype(self.dtype))
         scores = aux = None
         for i in range(self.split_index):
             last = i == self.split_index - 1

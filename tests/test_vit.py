@@ -229,3 +229,24 @@ def test_gradients_reach_both_halves_but_not_through_scores(split_runs, images):
         assert all(bool(jnp.isfinite(g).all()) for g in leaves)
         assert all(float(jnp.abs(g).max()) > 0 for g in leaves)
     assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(score_grads))
+
+
+def test_add_over_batch_gradients_equal_the_broadcast_sum():
+    x = jax.random.normal(jax.random.key(0), (5, 7, 3))
+    y = jax.random.normal(jax.random.key(1), (1, 7, 3))
+
+    def loss(add, x, y):
+        return jnp.sum(jnp.sin(add(x, y)) * jnp.arange(3.0))
+
+    ours = jax.jit(jax.grad(lambda x, y: loss(vit.add_over_batch, x, y), (0, 1)))(x, y)
+    plain = jax.grad(lambda x, y: loss(jnp.add, x, y), (0, 1))(x, y)
+    for a, b in zip(ours, plain, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    bf16 = jax.grad(lambda y: loss(vit.add_over_batch, x.astype(jnp.bfloat16), y))(
+        y.astype(jnp.bfloat16)
+    )
+    assert bf16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(bf16.astype(jnp.float32), plain[1], rtol=0.05, atol=0.05)
+    with pytest.raises(ValueError, match=r"y must be \[1, \*x.shape\[1:\]\]"):
+        vit.add_over_batch(x, y[0])
