@@ -14,6 +14,11 @@ matrix product, other fusion, copy/transpose, other. One JSON object per instruc
 
 Instructions that overlap (two threads of a CPU, or streams of a GPU) both count in full, so the
 sum can exceed the program's wall time (``record="program"``, the median of the profiled calls).
+On a CPU with several cores an instruction's span also holds the time it waited for a core that
+another instruction held (seen: a 3 MB copy "taking" 20 ms); for times that add up to the
+program, profile on one core (``taskset -c 0 python benchmarks/profile_step.py ...``): that is
+how the slow batch reduction of the position embedding's gradient and the transposed copy in
+ADC's merge showed up (``adc_jax.vit.add_over_batch``, ``adc_jax.compress.merge``).
 """
 
 from __future__ import annotations
@@ -127,13 +132,14 @@ def op_times(trace: list[dict], calls: int) -> dict[tuple[str, str], float]:
 
 def profile(args) -> list[dict[str, Any]]:
     fn, call_args = program_call(args.program, args.config)
-    hlo = fn.lower(*call_args).compile().as_text()  # a second compilation, for the names
+    compiled = fn.lower(*call_args).compile()  # called below: one compilation, its names
+    hlo = compiled.as_text()
     instructions = hlo_instructions(hlo)
     module = re.match(r"HloModule ([\w.\-]+)", hlo).group(1)  # the trace's hlo_module
 
     def call():
         nonlocal call_args
-        out = fn(*call_args)
+        out = compiled(*call_args)
         jax.block_until_ready(out)
         if args.program != "client_forward":  # argument 0 is donated: carry the new one
             call_args = (out[0], *call_args[1:])
@@ -141,7 +147,7 @@ def profile(args) -> list[dict[str, Any]]:
             call_args = (out[0], out[1], *call_args[2:])
         return out
 
-    call()  # compilation
+    call()  # warm-up
     walls = []
     with tempfile.TemporaryDirectory() as log_dir:
         with jax.profiler.trace(log_dir, create_perfetto_trace=True):

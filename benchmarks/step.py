@@ -573,8 +573,9 @@ def _times(records) -> dict[tuple, dict[str, float]]:
 
 
 def summarize(records) -> list[dict[str, Any]]:
-    """Ratios per configuration and the performance targets of issue #8."""
-    env = environment()
+    """Ratios per configuration and the performance targets of issue #8; each target carries the
+    environment its numbers were measured in (the first timed record's, not this process's)."""
+    env = _measured_env(records)
     times = _times(records)
     out = []
     for (b, method, xi, kind), t in sorted(times.items()):
@@ -646,6 +647,14 @@ def summarize(records) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def _measured_env(records) -> dict[str, Any]:
+    keys = environment().keys()
+    for r in records:
+        if r.get("record") == "time" and "device" in r:
+            return {k: r[k] for k in keys if k in r}
+    return {}
 
 
 def markdown(records) -> str:

@@ -139,8 +139,10 @@ def test_grid_summary_and_targets(step):
 def test_summarize_reads_jsonl_files(step, tmp_path, capsys):
     """``--summarize`` rebuilds the tables from records written earlier (here, by a GPU run)."""
     times = dict(step=0.02, fused_step=0.02, compress_fwd_bwd=0.0)
+    gpu = {"device": "gpu:NVIDIA H200", "jax": "0.11.2", "cpu_count": 16}
     records = [
         {"record": "time", "batch": 128, "method": "base", "xi": 1.0, "phase": p, "median_s": t}
+        | gpu
         for p, t in times.items()
     ]
     records.append(
@@ -152,6 +154,9 @@ def test_summarize_reads_jsonl_files(step, tmp_path, capsys):
     out = step.main(["--summarize", str(path)])
     (row,) = [r for r in out if r.get("record") == "summary"]
     assert row["images_per_s"] == pytest.approx(6400)
+    # Targets name the machine that measured them, not the one that summarises.
+    (target,) = [r for r in out if r.get("record") == "target"]
+    assert {k: target[k] for k in gpu} == gpu and "load_1min" not in target
     table = capsys.readouterr().out
     assert "| 128 | base | 1 | float32 |" in table
     assert "| 128 | h2d_uint8_32px | 393216 | 0.300 |" in table
