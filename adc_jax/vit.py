@@ -371,8 +371,11 @@ def add_over_batch(x: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def _add_over_batch_fwd(x, y):
-    if y.ndim != x.ndim or y.shape[0] != 1 or y.shape[1:] != x.shape[1:]:
-        raise ValueError(f"add_over_batch: y must be [1, *x.shape[1:]]; got {x.shape}, {y.shape}")
+    if y.ndim != x.ndim or y.shape[0] != 1 or y.shape[1:] != x.shape[1:] or y.dtype != x.dtype:
+        raise ValueError(
+            "add_over_batch: y must be [1, *x.shape[1:]] of x's dtype; got "
+            f"{x.shape} {x.dtype}, {y.shape} {y.dtype}"
+        )
     return x + y, None
 
 

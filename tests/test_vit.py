@@ -248,5 +248,6 @@ def test_add_over_batch_gradients_equal_the_broadcast_sum():
     )
     assert bf16.dtype == jnp.bfloat16
     np.testing.assert_allclose(bf16.astype(jnp.float32), plain[1], rtol=0.05, atol=0.05)
-    with pytest.raises(ValueError, match=r"y must be \[1, \*x.shape\[1:\]\]"):
-        vit.add_over_batch(x, y[0])
+    for bad in (y[0], y.astype(jnp.bfloat16)):
+        with pytest.raises(ValueError, match=r"y must be \[1, \*x.shape\[1:\]\] of x's dtype"):
+            vit.add_over_batch(x, bad)
