@@ -512,28 +512,39 @@ def run_grid(args) -> list[dict[str, Any]]:
     common += [] if args.donate else ["--no-donate"]
     common += [] if args.xla_tuned else ["--xla-default"]
     common += [] if args.select else ["--no-select"]
-    runs = []
-    for b in args.batches:
-        runs.append(["--batch", str(b), "--method", "base"])
-        runs += [["--batch", str(b), "--method", "adc", "--xi", str(xi)] for xi in args.xis]
-    runs += [["--batch", str(b), "--input"] for b in args.batches]
-    # Base with XLA's products only, beside the default (adc_jax.cpu_kernels's kernel on a CPU).
-    runs += [["--batch", str(b), "--method", "base", "--no-cpu-kernels"] for b in args.batches]
-    if 64 in args.batches and 0.1 in args.xis:  # the target's ratio, also measured paired
-        runs.append(["--batch", "64", "--method", "adc", "--xi", "0.1", "--paired-base"])
-    if args.torch_python and args.torch_device == "cpu":  # ours against PyTorch's, alternated
-        paired = ["--method", "base", "--paired-torch", "--torch-python", args.torch_python]
-        runs += [["--batch", str(b), *paired] for b in args.batches]
-    commands = [[sys.executable, script, *common, *run] for run in runs]
-    if args.torch_python:
-        torch_script = os.path.join(os.path.dirname(script), "torch_step.py")
-        commands += [
+    torch_script = os.path.join(os.path.dirname(script), "torch_step.py")
+
+    def ours(*run):
+        return [sys.executable, script, *common, *run]
+
+    def torch(b):
+        return (
             [args.torch_python, torch_script, "--model", args.model, "--batch", str(b)]
             + ["--split-index", str(args.split_index), "--num-classes", str(args.num_classes)]
             + ["--steps", str(args.steps), "--warmup", str(args.warmup), "--split"]
             + (["--device", "cuda"] if args.torch_device == "cuda" else ["--threads", "2"])
-            for b in args.batches
-        ]
+        )
+
+    # Per batch, processes whose times are divided run back to back (a shared CPU drifts by
+    # several percent over minutes): ADC at the targets' ξ = 0.1, Base, PyTorch's step, then the
+    # other ξ.
+    commands = []
+    for b in args.batches:
+        adc = {xi: ours("--batch", str(b), "--method", "adc", "--xi", str(xi)) for xi in args.xis}
+        commands += [adc.pop(0.1)] if 0.1 in adc else []
+        commands.append(ours("--batch", str(b), "--method", "base"))
+        commands += [torch(b)] if args.torch_python else []
+        commands += adc.values()
+    commands += [ours("--batch", str(b), "--input") for b in args.batches]
+    # Base with XLA's products only, beside the default (adc_jax.cpu_kernels's kernel on a CPU).
+    commands += [
+        ours("--batch", str(b), "--method", "base", "--no-cpu-kernels") for b in args.batches
+    ]
+    if 64 in args.batches and 0.1 in args.xis:  # the target's ratio, also measured paired
+        commands.append(ours("--batch", "64", "--method", "adc", "--xi", "0.1", "--paired-base"))
+    if args.torch_python and args.torch_device == "cpu":  # ours against PyTorch's, alternated
+        paired = ["--method", "base", "--paired-torch", "--torch-python", args.torch_python]
+        commands += [ours("--batch", str(b), *paired) for b in args.batches]
     env = allocator_env(args.malloc, os.environ)  # for JAX and PyTorch alike
     for command in commands:
         out = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True, env=env).stdout

@@ -136,6 +136,35 @@ def test_grid_summary_and_targets(step):
     assert step.variant({"cpu_kernels": "off: backend gpu"}) == step.DEFAULT_VARIANT
 
 
+def test_grid_runs_divided_configurations_back_to_back(step, monkeypatch):
+    """Per batch: ADC at ξ = 0.1, Base, PyTorch, then the other ξ (a shared CPU drifts over
+    minutes, and these are the times the targets divide); then the input path, XLA only and the
+    paired runs."""
+    calls = []
+
+    def run(command, **_):
+        calls.append(command)
+        return type("Done", (), {"stdout": ""})()
+
+    monkeypatch.setattr(step.subprocess, "run", run)
+    argv = ["--grid", "--batches", "32", "64", "--xis", "0.5", "0.1", "--torch-python", "tp"]
+    step.run_grid(step.parse_args(argv))
+
+    def name(command):
+        if command[0] == "tp":
+            return f"torch{command[command.index('--batch') + 1]}"
+        words = command[command.index("--batch") :]
+        return " ".join(w for w in words if w not in ("--batch", "--method", "--xi"))
+
+    order = [name(c) for c in calls]
+    assert order[:8] == [
+        "32 adc 0.1", "32 base", "torch32", "32 adc 0.5",
+        "64 adc 0.1", "64 base", "torch64", "64 adc 0.5",
+    ]  # fmt: skip
+    assert order[8:10] == ["32 --input", "64 --input"]
+    assert "64 adc 0.1 --paired-base" in order and order[-1].startswith("64 base --paired-torch")
+
+
 def test_summarize_reads_jsonl_files(step, tmp_path, capsys):
     """``--summarize`` rebuilds the tables from records written earlier (here, by a GPU run)."""
     times = dict(step=0.02, fused_step=0.02, compress_fwd_bwd=0.0)
