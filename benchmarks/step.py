@@ -361,10 +361,7 @@ def bench_paired_torch(args) -> list[dict[str, Any]]:
         jax.block_until_ready(step(run))
         return time.perf_counter() - start
 
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_step.py")
-    command = [args.torch_python, script, "--serve", "--model", args.model]
-    command += ["--batch", str(args.batch), "--split-index", str(args.split_index)]
-    command += ["--num-classes", str(args.num_classes), "--threads", "2"]
+    command = _torch_command(args, args.batch, "--serve")
     server = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def theirs(phase):
@@ -491,6 +488,19 @@ def bench_input(args) -> list[dict[str, Any]]:
 # ---- The grid -------------------------------------------------------------------------------
 
 
+def _torch_command(args, batch: int, *extra: str) -> list[str]:
+    """``benchmarks/torch_step.py`` under ``--torch-python`` for this model, split and batch (2
+    threads on a CPU), with ``extra`` arguments."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_step.py")
+    device = ["--device", "cuda"] if args.torch_device == "cuda" else ["--threads", "2"]
+    return [
+        *(args.torch_python, script, "--model", args.model, "--batch", str(batch)),
+        *("--split-index", str(args.split_index), "--num-classes", str(args.num_classes)),
+        *device,
+        *extra,
+    ]
+
+
 def run_grid(args) -> list[dict[str, Any]]:
     """Every configuration in its own process (clean peak memory), then ratios and targets."""
     records = []
@@ -512,17 +522,13 @@ def run_grid(args) -> list[dict[str, Any]]:
     common += [] if args.donate else ["--no-donate"]
     common += [] if args.xla_tuned else ["--xla-default"]
     common += [] if args.select else ["--no-select"]
-    torch_script = os.path.join(os.path.dirname(script), "torch_step.py")
 
     def ours(*run):
         return [sys.executable, script, *common, *run]
 
     def torch(b):
-        return (
-            [args.torch_python, torch_script, "--model", args.model, "--batch", str(b)]
-            + ["--split-index", str(args.split_index), "--num-classes", str(args.num_classes)]
-            + ["--steps", str(args.steps), "--warmup", str(args.warmup), "--split"]
-            + (["--device", "cuda"] if args.torch_device == "cuda" else ["--threads", "2"])
+        return _torch_command(
+            args, b, "--steps", str(args.steps), "--warmup", str(args.warmup), "--split"
         )
 
     # Per batch, processes whose times are divided run back to back (a shared CPU drifts by
