@@ -1,9 +1,10 @@
-"""Datasets for training: tfds array_record sources, host-side batching, no TensorFlow.
+"""Datasets for training: tfds array_record sources read through Grain, no TensorFlow.
 
-The training process never imports TensorFlow (ARCHITECTURE decision 6): data is prepared once into
-array_record shards and read back with tfds' random-access data sources, which need only numpy,
-protobuf and array_record. The host does indexing only; augmentation runs on the device
-(:mod:`adc_jax.augment`).
+The training process never imports TensorFlow: data is prepared once into array_record shards by
+the project's own tfds builders (:mod:`adc_jax.datasets`) and read back with tfds' random-access
+data sources, which need only numpy, protobuf and array_record (and Pillow for Food-101's JPEGs).
+Batches are produced by Grain (``grain.MapDataset``): the host indexes and decodes, and
+augmentation runs on the device (:mod:`adc_jax.augment`).
 
 Datasets (the registry :data:`DATASETS`; :func:`get_spec` looks one up by name):
 
@@ -13,39 +14,26 @@ name            tfds builder           classes  served     train / test split  s
 fashion_mnist   ``adc_fashion_mnist``  10       28×28×1    train / test        60 000 / 10 000
 cifar10         ``adc_cifar10``        10       32×32×3    train / test        50 000 / 10 000
 cifar100        ``adc_cifar100``       100      32×32×3    train / test        50 000 / 10 000
-food101         ``food101`` (stock)    101      224×224×3  train / validation  75 750 / 25 250
+food101         ``adc_food101``        101      224×224×3  train / test        75 750 / 25 250
 ==============  =====================  =======  =========  ==================  ===============
 
-* ``adc_*`` are the project's own builders (:mod:`adc_jax.datasets`): they store pixels as
-  ``tfds.features.Tensor`` and prepare without TensorFlow. The prefix keeps them apart from tfds'
-  own ``fashion_mnist`` / ``cifar*`` (whose PNG encoding needs TensorFlow).
-* Food-101 uses tfds' stock ``food101`` builder (JPEG bytes as ``tfds.features.Image``). With tfds
-  4.9.10 it prepares without TensorFlow too (checked on a small fake archive): its generator passes
-  the JPEG files' bytes through unchanged, and reading decodes them with PIL. tfds 4.9.10 then
-  needs the package ``importlib_resources``, which it forgets to declare on Python >= 3.9. Images
-  vary in size (up to 512 px), so reading resizes each one on the host to 224×224 (PIL bilinear,
-  antialiased: what torchvision's ``Resize`` does to PIL images). This moves the paper's resize
-  before RandAugment / ColorJitter for this dataset only; their geometric magnitudes are relative
-  to the image size. If preparing it here is not an option (it downloads 5 GB), prepare it in a
-  separate environment, with or without TensorFlow::
-
-      pip install tensorflow-datasets importlib_resources pillow
-      tfds build food101 --data_dir=DATA_DIR --file_format=array_record
-
-  and point ``data_dir`` at ``DATA_DIR``. A copy prepared earlier as TFRecord (tfds' default)
-  converts with ``tfds convert_format --dataset_dir=DATA_DIR/food101
-  --out_file_format=array_record``.
+The builders store Fashion-MNIST and CIFAR as raw uint8 tensors and Food-101 as 224×224 JPEGs
+(resized once, at preparation; why in :mod:`adc_jax.datasets.builders`). Their names carry the
+``adc_`` prefix to keep them apart from tfds' own builders, whose PNG encoding or archive
+extraction needs TensorFlow.
 
 Preparing (once per data directory)::
 
     python -m adc_jax.data prepare cifar100 [--data_dir D] [--tarball cifar-100-python.tar.gz]
+    python -m adc_jax.data prepare food101 [--data_dir D] [--archive food-101.tar.gz]
     python -m adc_jax.data prepare fashion_mnist [--data_dir D] [--idx_dir DIR]
     python -m adc_jax.data list [--data_dir D]
 
 or :func:`prepare` from Python. ``data_dir=None`` means tfds' default (``$TFDS_DATA_DIR`` or
-``~/tensorflow_datasets``). Fashion-MNIST reads the IDX gz files from ``idx_dir``, else from
-``/usr/share/datasets/fashion-mnist/`` (Debian ``dataset-fashion-mnist``), else downloads them;
-:func:`prepare_if_local` prepares it automatically when the files are on disk.
+``~/tensorflow_datasets``). Without a local file the official one is downloaded. Fashion-MNIST
+reads the IDX gz files from ``idx_dir``, else from ``/usr/share/datasets/fashion-mnist/`` (Debian
+``dataset-fashion-mnist``); :func:`prepare_if_local` prepares it automatically when the files are
+on disk.
 
 Reading and batching (a training loop)::
 
@@ -58,30 +46,35 @@ Reading and batching (a training loop)::
     for batch in eval_batches(test, batch_size=256):   # + "mask": bool [b]
         ...
 
-Under ``tfds.testing.mock_data`` the same calls read tfds' random fake examples.
+The order of the training examples is a function of (seed, step) alone: Grain's ``shuffle``
+permutes each epoch, global step ``s`` reads its batch ``s mod steps_per_epoch``, and each process
+keeps its slice of that global batch. The batches are the same whatever the number of processes
+and of Grain's worker processes, and a run restarted at step ``s`` continues exactly
+(:class:`TrainIterator`). Under ``tfds.testing.mock_data`` the same calls read tfds' random fake
+examples.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import dataclasses
 import math
 import os
-import queue
 import sys
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 from unittest import mock
 
+import grain
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import flags
 
 from adc_jax.datasets.builders import (
     AdcCifar10,
     AdcCifar100,
     AdcFashionMnist,
+    AdcFood101,
     local_fashion_mnist_files,
 )
 
@@ -101,7 +94,7 @@ class DatasetSpec:
     num_classes: int
     image_shape: tuple[int, int, int]  # (H, W, C) of the uint8 images batches carry
     train_split: str
-    test_split: str  # the split evaluated on (Food-101: tfds calls it "validation")
+    test_split: str  # the split evaluated on
     train_size: int
     test_size: int
     in_memory: bool  # small enough to load a whole split into host RAM once
@@ -153,22 +146,24 @@ DATASETS: dict[str, DatasetSpec] = {
         ),
         DatasetSpec(
             "food101",
-            "food101",
+            "adc_food101",
             101,
             (224, 224, 3),
             "train",
-            "validation",
+            "test",
             75_750,
             25_250,
             in_memory=False,
+            source_args=("archive",),
         ),
     )
 }
 
-_OWN_BUILDERS = {
+_BUILDERS = {
     "adc_fashion_mnist": AdcFashionMnist,
     "adc_cifar10": AdcCifar10,
     "adc_cifar100": AdcCifar100,
+    "adc_food101": AdcFood101,
 }
 
 
@@ -197,9 +192,7 @@ def _builder(
     spec: DatasetSpec, data_dir: str | os.PathLike | None, **kwargs: Any
 ) -> tfds.core.DatasetBuilder:
     data_dir = None if data_dir is None else os.fspath(data_dir)
-    if spec.builder_name in _OWN_BUILDERS:
-        return _OWN_BUILDERS[spec.builder_name](data_dir=data_dir, **kwargs)
-    return tfds.builder(spec.builder_name, data_dir=data_dir, **kwargs)
+    return _BUILDERS[spec.builder_name](data_dir=data_dir, **kwargs)
 
 
 def _has_random_access(builder: tfds.core.DatasetBuilder) -> bool:
@@ -220,12 +213,8 @@ def _not_prepared_message(spec: DatasetSpec, data_dir, builder) -> str:
         f"array_record in {where}. Prepare it once with:\n    "
         f"{prepare_command(spec.name, data_dir)}"
     )
-    if spec.name == "food101":
-        msg += (
-            "\nor in a separate environment (TensorFlow is not needed):\n"
-            "    pip install tensorflow-datasets importlib_resources pillow\n"
-            f"    tfds build food101 --data_dir={where.split(' ')[0]} --file_format=array_record"
-        )
+    if spec.source_args:
+        msg += f" [--{spec.source_args[0]} LOCAL_FILE]"
     if builder.is_prepared():
         msg += (
             f"\nA copy in {builder.info.file_format} format exists; convert it with:\n"
@@ -252,7 +241,8 @@ def prepare(
       data_dir: tfds data directory; ``None``: tfds' default.
       **source_paths: local raw files instead of downloading. ``fashion_mnist``: ``idx_dir``
         (directory of the four IDX gz files); ``cifar10`` / ``cifar100``: ``tarball`` (the
-        official python tarball). ``None`` values are ignored.
+        official python tarball); ``food101``: ``archive`` (``food-101.tar.gz``). ``None``
+        values are ignored.
 
     Returns:
       The prepared dataset's directory (``data_dir/<builder>/<version>``).
@@ -268,19 +258,10 @@ def prepare(
     builder = _builder(spec, data_dir, file_format="array_record", **source_paths)
     if builder.is_prepared() and not _has_random_access(builder):
         raise DatasetNotPreparedError(_not_prepared_message(spec, data_dir, builder))
-    try:
-        builder.download_and_prepare(
-            # Prepared copies on tfds' GCS bucket are TFRecord and the adc_* names aren't there.
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-        )
-    except ModuleNotFoundError as e:
-        if e.name == "importlib_resources":
-            raise ModuleNotFoundError(
-                "tfds 4.9.10 needs `importlib_resources` to prepare its stock builders on "
-                "Python >= 3.9 but does not declare it: pip install importlib_resources",
-                name=e.name,
-            ) from e
-        raise
+    builder.download_and_prepare(
+        # Prepared copies on tfds' GCS bucket are TFRecord and the adc_* names aren't there.
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+    )
     return os.fspath(builder.data_dir)
 
 
@@ -309,14 +290,25 @@ class BatchSource(Protocol):
     """A split: ``len`` examples, and ``get_batch(indices)`` returning numpy arrays.
 
     ``get_batch`` returns ``{"image": uint8 [n, H, W, C], "label": int32 [n]}`` for ``n`` indices
-    (``n`` may be 0), with ``(H, W, C) == image_shape``.
+    (``n`` may be 0), with ``(H, W, C) == image_shape``. ``worker_count`` is how many Grain worker
+    processes batch it by default (0: threads of the calling process).
     """
 
     image_shape: tuple[int, int, int]
+    worker_count: int
 
     def __len__(self) -> int: ...
 
     def get_batch(self, indices: np.ndarray) -> Batch: ...
+
+
+def default_worker_count() -> int:
+    """Grain worker processes for a split that is decoded on the fly (Food-101): half the cores.
+
+    A 224×224 JPEG decodes in about 0.2 ms, so one worker delivers a few thousand images a second
+    (``docs/input_pipeline.md``); the other half of the cores stays with the training process.
+    """
+    return max(1, min(16, (os.cpu_count() or 2) // 2))
 
 
 class ArraySource:
@@ -326,6 +318,9 @@ class ArraySource:
       images: uint8 ``[N, H, W, C]``.
       labels: integer ``[N]`` (stored as int32).
     """
+
+    # Indexing costs microseconds: moving batches between processes would cost more.
+    worker_count = 0
 
     def __init__(self, images: np.ndarray, labels: np.ndarray):
         images = np.asarray(images)
@@ -348,6 +343,10 @@ class ArraySource:
         return {"image": self.images[indices], "label": self.labels[indices]}
 
 
+def _is_mocked(source: Sequence[Any]) -> bool:
+    return isinstance(getattr(source, "data_source", None), mock.NonCallableMock)
+
+
 def _read_examples(source: Sequence[Any], indices: Sequence[int]) -> list[dict[str, Any]]:
     """Reads records by index, batched where the source allows it."""
     indices = [int(i) for i in indices]
@@ -356,37 +355,15 @@ def _read_examples(source: Sequence[Any], indices: Sequence[int]) -> list[dict[s
     # tfds 4.9.10's `mock_data` installs `__getitems__` on its mocked record reader as a plain
     # attribute, so the batched read passes the keys where `self` should be and fails; per-record
     # reads work. Real sources get the batched read (4× faster on Fashion-MNIST).
-    if isinstance(getattr(source, "data_source", None), mock.NonCallableMock):
+    if _is_mocked(source):
         return [source[i] for i in indices]
     return list(source.__getitems__(indices))
-
-
-def _fit_image(image: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """Gives one decoded image the served ``(H, W, C)``: channel fix-up, then PIL resize."""
-    image = np.asarray(image, np.uint8)
-    if image.ndim == 2:
-        image = image[..., None]
-    h, w, c = shape
-    if image.shape[-1] != c:
-        if image.shape[-1] == 1:
-            image = np.repeat(image, c, axis=-1)
-        elif image.shape[-1] == 4 and c == 3:
-            image = image[..., :3]  # drop alpha
-        else:
-            raise ValueError(f"Cannot serve a {image.shape} image as {shape}.")
-    if image.shape[:2] != (h, w):
-        from PIL import Image  # tfds decodes JPEGs with PIL already; only Food-101 gets here
-
-        pil = Image.fromarray(image[..., 0] if c == 1 else image)
-        # Bilinear with antialiasing: torchvision's Resize on PIL images, as the paper's code ran.
-        image = np.asarray(pil.resize((w, h), Image.BILINEAR)).reshape(h, w, c)
-    return image
 
 
 def _stack(examples: list[dict[str, Any]], shape: tuple[int, int, int]) -> Batch:
     images = np.empty((len(examples), *shape), np.uint8)
     for i, ex in enumerate(examples):
-        images[i] = _fit_image(ex["image"], shape)
+        images[i] = ex["image"]  # decoded by tfds (JPEG: PIL), stored at the served shape
     labels = np.asarray([int(ex["label"]) for ex in examples], np.int32).reshape(len(examples))
     return {"image": images, "label": labels}
 
@@ -394,37 +371,34 @@ def _stack(examples: list[dict[str, Any]], shape: tuple[int, int, int]) -> Batch
 class RecordSource:
     """A split read by index from a tfds random-access data source (array_record).
 
-    Decoding and any resize run in ``num_workers`` threads (PIL releases the GIL while it decodes).
+    ``get_batch`` reads the records in one call and decodes them (Food-101: JPEG, with PIL) in the
+    calling thread; Grain runs it in :attr:`worker_count` worker processes.
 
     Args:
       source: what ``builder.as_data_source(split)`` returns.
-      image_shape: the ``(H, W, C)`` batches carry; other sizes are resized (PIL bilinear).
-      num_workers: decode threads per batch.
+      image_shape: the ``(H, W, C)`` of the stored images.
+      worker_count: Grain worker processes that batch this split; ``None``:
+        :func:`default_worker_count`. A source under ``tfds.testing.mock_data`` always gets 0: the
+        mock lives in this process only.
     """
 
     def __init__(
-        self, source: Sequence[Any], image_shape: tuple[int, int, int], num_workers: int = 8
+        self,
+        source: Sequence[Any],
+        image_shape: tuple[int, int, int],
+        worker_count: int | None = None,
     ):
         self.source = source
         self.image_shape = tuple(image_shape)
-        self.num_workers = max(1, num_workers)
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        if worker_count is None:
+            worker_count = default_worker_count()
+        self.worker_count = 0 if _is_mocked(source) else int(worker_count)
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def _read(self, indices: np.ndarray) -> Batch:
-        return _stack(_read_examples(self.source, indices), self.image_shape)
-
     def get_batch(self, indices: np.ndarray) -> Batch:
-        indices = np.asarray(indices, np.int64)
-        chunks = [c for c in np.array_split(indices, self.num_workers) if len(c)]
-        if len(chunks) <= 1:
-            return self._read(indices)
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(self.num_workers)
-        parts = list(self._pool.map(self._read, chunks))
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return _stack(_read_examples(self.source, indices), self.image_shape)
 
 
 def load_source(
@@ -481,7 +455,7 @@ def open_split(
     data_dir: str | os.PathLike | None = None,
     *,
     in_memory: bool | None = None,
-    num_workers: int = 8,
+    worker_count: int | None = None,
 ) -> ArraySource | RecordSource:
     """One split as a :class:`BatchSource`.
 
@@ -491,17 +465,18 @@ def open_split(
       data_dir: tfds data directory; ``None``: tfds' default.
       in_memory: load the whole split into host RAM once (default: the dataset's
         ``DatasetSpec.in_memory``: Fashion-MNIST and CIFAR yes, Food-101 no).
-      num_workers: decode threads of a :class:`RecordSource`.
+      worker_count: Grain worker processes of a :class:`RecordSource` (``None``:
+        :func:`default_worker_count`).
     """
     spec = get_spec(name)
     if spec.in_memory if in_memory is None else in_memory:
         arrays = load_arrays(name, split, data_dir)
         return ArraySource(arrays["image"], arrays["label"])
-    return RecordSource(load_source(name, split, data_dir), spec.image_shape, num_workers)
+    return RecordSource(load_source(name, split, data_dir), spec.image_shape, worker_count)
 
 
 # ---------------------------------------------------------------------------------------------
-# Batching
+# Batching, with Grain
 # ---------------------------------------------------------------------------------------------
 
 
@@ -518,94 +493,92 @@ def _local_batch_size(batch_size: int, process_count: int, process_index: int) -
     return batch_size // process_count
 
 
-class _Prefetcher:
-    """Runs ``produce(i)`` for i = 0, 1, ... in a daemon thread, ``size`` results ahead."""
+def _grain_iterator(
+    read: Callable[[int], Batch], start: int, stop: int, worker_count: int, prefetch: int
+) -> grain.DatasetIterator:
+    """Grain's iterator over ``read(i)`` for ``i`` in ``[start, stop)``, in that order.
 
-    def __init__(self, produce: Callable[[int], Any], count: int | None, size: int):
-        self._queue: queue.Queue = queue.Queue(maxsize=size)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(produce, count), daemon=True, name="adc_jax.data.prefetch"
+    Every element is a whole batch. ``worker_count`` > 0: worker processes compute them (worker
+    ``w`` the ``i ≡ w`` mod ``worker_count``; Grain hands them back in order), each one element
+    ahead; 0: ``prefetch`` threads of this process. Either way ``prefetch`` elements are computed
+    ahead; 0: each one in the caller's thread when it is asked for.
+    """
+    ds = grain.MapDataset.range(start, stop).map(read)
+    threads = 1 if worker_count else prefetch
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch))
+    if worker_count:
+        # Grain 0.2.18's mp_prefetch reads one of its absl flags, which raises in a program that
+        # never parsed flags (a notebook, a test, a script without absl.app); later Grain
+        # releases fall back to the default (google/grain#1355). Mark them parsed, as that issue
+        # advises: it changes no flag's value.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=worker_count, per_worker_buffer_size=max(1, prefetch)
+            )
         )
-        self._thread.start()
-
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self, produce, count):
-        i = 0
-        try:
-            while count is None or i < count:
-                if not self._put(("item", produce(i))):
-                    return
-                i += 1
-            self._put(("end", None))
-        except BaseException as e:  # re-raised in the consumer's thread
-            self._put(("error", e))
-
-    def get(self) -> Any:
-        kind, value = self._queue.get()
-        if kind == "error":
-            raise value
-        if kind == "end":
-            raise StopIteration
-        return value
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+    return iter(it)
 
 
-class _TrainOrder:
-    """The pure part of :class:`TrainIterator`: global step -> this process's indices and batch.
+def _shuffle_seed(seed: int) -> int:
+    """The 32-bit seed of Grain's shuffle for a run's ``seed``.
 
-    Kept apart so that the prefetch thread references this and not the iterator, which can then
-    be garbage-collected (and its thread stopped) when dropped without ``close()``.
+    Grain shuffles epoch ``e`` with seed ``s + e``; drawing ``s`` from the run's seed keeps runs
+    with consecutive seeds (the paper's 0, 1, 2) from sharing epoch orders.
+    """
+    return int(np.random.SeedSequence([seed, 0xADC]).generate_state(1)[0])
+
+
+class _TrainIndices:
+    """Global step -> this process's example indices; a picklable function for Grain's workers.
+
+    Step ``s`` reads batch ``o = s % steps_per_epoch`` of epoch ``e = s // steps_per_epoch``:
+    positions ``[o·B, (o+1)·B)`` of Grain's shuffle of epoch ``e``, of which process ``p`` keeps
+    ``[p·b, (p+1)·b)``.
     """
 
-    def __init__(self, source, batch_size, seed, process_index, local_batch_size):
-        self.source = source
+    def __init__(self, num_examples, batch_size, seed, process_index, local_batch_size):
+        self.order = grain.MapDataset.range(num_examples).shuffle(seed=_shuffle_seed(seed))
+        self.num_examples = num_examples
         self.batch_size = batch_size
-        self.seed = seed
-        self.process_index = process_index
+        self.steps_per_epoch = num_examples // batch_size
+        self.offset = process_index * local_batch_size
         self.local_batch_size = local_batch_size
-        self.steps_per_epoch = len(source) // batch_size
-        self._perm: tuple[int, np.ndarray] | None = None
 
-    def permutation(self, epoch: int) -> np.ndarray:
-        cached = self._perm  # one read: the prefetch thread may replace it concurrently
-        if cached is not None and cached[0] == epoch:
-            return cached[1]
-        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
-        self._perm = (epoch, perm)
-        return perm
+    def __call__(self, step: int) -> np.ndarray:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        # Element e·N + i of the shuffled range is element i of epoch e's permutation.
+        start = epoch * self.num_examples + position * self.batch_size + self.offset
+        stop = start + self.local_batch_size
+        return np.array([self.order[i] for i in range(start, stop)], np.int64)
 
-    def indices(self, step: int) -> np.ndarray:
-        epoch, offset = divmod(step, self.steps_per_epoch)
-        start = offset * self.batch_size + self.process_index * self.local_batch_size
-        return self.permutation(epoch)[start : start + self.local_batch_size]
 
-    def batch(self, step: int) -> Batch:
+@dataclasses.dataclass(frozen=True)
+class _ReadTrainBatch:
+    source: BatchSource
+    indices: _TrainIndices
+
+    def __call__(self, step: int) -> Batch:
         return self.source.get_batch(self.indices(step))
 
 
 class TrainIterator:
     """Endless training batches: shuffled per epoch, last partial batch dropped, resumable.
 
-    Global step ``s`` reads epoch ``s // steps_per_epoch``, position ``s % steps_per_epoch`` of
-    that epoch's permutation ``np.random.default_rng([seed, epoch]).permutation(N)``. The batch of
-    a step depends on (seed, step) alone, so a run restarted with ``start_step=s`` continues
-    exactly as an uninterrupted one. ``steps_per_epoch = N // batch_size``: the examples past the
-    last full batch are skipped for that epoch (a different set each epoch).
+    Global step ``s`` reads epoch ``s // steps_per_epoch``, batch ``s % steps_per_epoch`` of that
+    epoch's order, a permutation drawn by Grain's ``MapDataset.shuffle`` from ``seed`` and the
+    epoch. The batch of a step depends on (seed, step) alone, so a run restarted with
+    ``start_step=s`` continues exactly as an uninterrupted one. ``steps_per_epoch = N //
+    batch_size``: the examples past the last full batch are skipped for that epoch (a different
+    set each epoch).
 
-    Multi-host: every process computes the same global batch of ``batch_size`` indices and keeps
-    its contiguous slice ``[p·b, (p+1)·b)``, ``b = batch_size // process_count``.
+    Multi-host: every process orders the same global batch of ``batch_size`` examples and reads
+    its contiguous slice ``[p·b, (p+1)·b)``, ``b = batch_size // process_count``; together the
+    processes read the batch one process would.
+
+    Batches are read by Grain ahead of use, in ``worker_count`` worker processes (or threads of
+    this process when it is 0); they are the same for any ``worker_count``.
 
     Args:
       source: a :class:`BatchSource` (e.g. from :func:`open_split`).
@@ -613,7 +586,9 @@ class TrainIterator:
       seed: non-negative int; the data order's seed.
       start_step: global step of the first batch yielded.
       process_index, process_count: this process and how many there are.
-      prefetch: batches prepared ahead in a background thread; 0 reads in the caller's thread.
+      worker_count: Grain worker processes; ``None``: the source's ``worker_count`` (0 for
+        in-memory splits, :func:`default_worker_count` for Food-101).
+      prefetch: batches prepared ahead; 0 reads in the caller's thread.
 
     Yields:
       ``{"image": uint8 [b, H, W, C], "label": int32 [b]}``. :attr:`step` is the global step of
@@ -629,9 +604,10 @@ class TrainIterator:
         start_step: int = 0,
         process_index: int = 0,
         process_count: int = 1,
+        worker_count: int | None = None,
         prefetch: int = 2,
     ):
-        self._prefetcher: _Prefetcher | None = None
+        self._iterator: grain.DatasetIterator | None = None
         local = _local_batch_size(batch_size, process_count, process_index)
         if len(source) < batch_size:
             raise ValueError(
@@ -639,14 +615,17 @@ class TrainIterator:
             )
         if seed < 0 or start_step < 0:
             raise ValueError(f"seed ({seed}) and start_step ({start_step}) must be >= 0.")
-        self._order = _TrainOrder(source, batch_size, int(seed), process_index, local)
+        self._indices = _TrainIndices(len(source), batch_size, int(seed), process_index, local)
         self.source = source
         self.batch_size = batch_size
         self.local_batch_size = local
         self.seed = int(seed)
         self.process_index = process_index
         self.process_count = process_count
-        self.steps_per_epoch = self._order.steps_per_epoch
+        self.steps_per_epoch = self._indices.steps_per_epoch
+        if worker_count is None:
+            worker_count = getattr(source, "worker_count", 0)
+        self.worker_count = worker_count
         self.prefetch = prefetch
         self._step = int(start_step)
 
@@ -659,39 +638,32 @@ class TrainIterator:
         """``(epoch, batch position within the epoch)`` of a global step."""
         return divmod(step, self.steps_per_epoch)
 
-    def permutation(self, epoch: int) -> np.ndarray:
-        """The example order of ``epoch``: int64 ``[N]``."""
-        return self._order.permutation(epoch)
-
     def indices(self, step: int) -> np.ndarray:
         """This process's example indices of global step ``step``: int64 ``[b]``."""
-        return self._order.indices(step)
+        return self._indices(step)
 
     def batch(self, step: int) -> Batch:
-        """This process's batch of global step ``step`` (no iterator state involved)."""
-        return self._order.batch(step)
+        """This process's batch of global step ``step``, read in the caller's thread."""
+        return self.source.get_batch(self._indices(step))
 
     def __iter__(self) -> TrainIterator:
         return self
 
     def __next__(self) -> Batch:
-        if self.prefetch <= 0:
-            out = self._order.batch(self._step)
-        else:
-            if self._prefetcher is None:
-                order, start = self._order, self._step
-                self._prefetcher = _Prefetcher(
-                    lambda i: order.batch(start + i), None, self.prefetch
-                )
-            out = self._prefetcher.get()
+        if self._iterator is None:
+            read = _ReadTrainBatch(self.source, self._indices)
+            self._iterator = _grain_iterator(
+                read, self._step, sys.maxsize, self.worker_count, self.prefetch
+            )
+        out = next(self._iterator)
         self._step += 1
         return out
 
     def close(self) -> None:
-        """Stops the prefetch thread (iteration may go on from :attr:`step` afterwards)."""
-        if self._prefetcher is not None:
-            self._prefetcher.close()
-            self._prefetcher = None
+        """Stops Grain's threads and workers (iteration may go on from :attr:`step` afterwards)."""
+        if self._iterator is not None:
+            self._iterator.close()
+            self._iterator = None
 
     def __enter__(self) -> TrainIterator:
         return self
@@ -712,6 +684,7 @@ def train_batches(
     start_step: int = 0,
     process_index: int = 0,
     process_count: int = 1,
+    worker_count: int | None = None,
     prefetch: int = 2,
 ) -> TrainIterator:
     """The training split of ``dataset`` as a :class:`TrainIterator`, from ``start_step`` on.
@@ -729,6 +702,7 @@ def train_batches(
         start_step=start_step,
         process_index=process_index,
         process_count=process_count,
+        worker_count=worker_count,
         prefetch=prefetch,
     )
 
@@ -738,12 +712,34 @@ def num_eval_batches(num_examples: int, batch_size: int) -> int:
     return math.ceil(num_examples / batch_size)
 
 
+@dataclasses.dataclass(frozen=True)
+class _ReadEvalBatch:
+    """Global evaluation batch ``j`` -> this process's slice of it, padded past the end."""
+
+    source: BatchSource
+    batch_size: int
+    local_batch_size: int
+    process_index: int
+
+    def __call__(self, j: int) -> Batch:
+        local = self.local_batch_size
+        positions = j * self.batch_size + self.process_index * local + np.arange(local)
+        mask = positions < len(self.source)
+        real = self.source.get_batch(positions[mask])
+        image = np.zeros((local, *self.source.image_shape), np.uint8)
+        label = np.zeros(local, np.int32)
+        image[mask] = real["image"]
+        label[mask] = real["label"]
+        return {"image": image, "label": label, "mask": mask}
+
+
 def eval_batches(
     source: BatchSource,
     *,
     batch_size: int,
     process_index: int = 0,
     process_count: int = 1,
+    worker_count: int | None = None,
     prefetch: int = 2,
 ) -> Iterator[Batch]:
     """Sequential evaluation batches of one static shape, the last one padded and masked.
@@ -753,38 +749,20 @@ def eval_batches(
     ``[p·b, (p+1)·b)`` of every global batch, ``b = batch_size // process_count``, and all
     processes get the same number of batches (:func:`num_eval_batches`), so collective steps line
     up. Over all processes and batches every example appears exactly once with ``mask`` True.
+    Read by Grain like :class:`TrainIterator`'s batches (``worker_count``, ``prefetch``).
 
     Yields:
       ``{"image": uint8 [b, H, W, C], "label": int32 [b], "mask": bool [b]}``.
     """
     local = _local_batch_size(batch_size, process_count, process_index)
-    n = len(source)
-    shape = tuple(source.image_shape)
-
-    def produce(j: int) -> Batch:
-        positions = j * batch_size + process_index * local + np.arange(local)
-        mask = positions < n
-        real = source.get_batch(positions[mask])
-        image = np.zeros((local, *shape), np.uint8)
-        label = np.zeros(local, np.int32)
-        image[mask] = real["image"]
-        label[mask] = real["label"]
-        return {"image": image, "label": label, "mask": mask}
-
-    count = num_eval_batches(n, batch_size)
-    if prefetch <= 0:
-        for j in range(count):
-            yield produce(j)
-        return
-    prefetcher = _Prefetcher(produce, count, prefetch)
+    if worker_count is None:
+        worker_count = getattr(source, "worker_count", 0)
+    read = _ReadEvalBatch(source, batch_size, local, process_index)
+    it = _grain_iterator(read, 0, num_eval_batches(len(source), batch_size), worker_count, prefetch)
     try:
-        while True:
-            try:
-                yield prefetcher.get()
-            except StopIteration:
-                return
+        yield from it
     finally:
-        prefetcher.close()
+        it.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -803,6 +781,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data_dir", default=None, help="tfds data dir (default: tfds' default)")
     p.add_argument("--idx_dir", default=None, help="fashion_mnist: dir of the IDX gz files")
     p.add_argument("--tarball", default=None, help="cifar10/cifar100: the python tarball")
+    p.add_argument("--archive", default=None, help="food101: food-101.tar.gz")
     ls = sub.add_parser("list", help="list datasets and whether they are prepared")
     ls.add_argument("--data_dir", default=None)
     args = parser.parse_args(argv)
@@ -812,7 +791,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             state = "prepared" if is_prepared(name, args.data_dir) else "not prepared"
             print(f"{name:14s} {spec.builder_name:18s} {spec.num_classes:4d} classes  {state}")
         return 0
-    sources = {"idx_dir": args.idx_dir, "tarball": args.tarball}
+    sources = {"idx_dir": args.idx_dir, "tarball": args.tarball, "archive": args.archive}
     spec = get_spec(args.name)
     sources = {k: v for k, v in sources.items() if v is not None}
     bad = sorted(set(sources) - set(spec.source_args))

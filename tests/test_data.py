@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 
 from adc_jax import data
 from adc_jax.datasets import read_idx
+from adc_jax.datasets.builders import FOOD101_CLASSES, FOOD101_URL
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 needs_fashion = pytest.mark.skipif(
@@ -27,6 +28,14 @@ needs_fashion = pytest.mark.skipif(
 
 def assert_no_tensorflow():
     assert "tensorflow" not in sys.modules, "TensorFlow was imported"
+
+
+@pytest.fixture
+def without_tensorflow(monkeypatch):
+    """``import tensorflow`` raises ImportError, as on a machine without it (installed or not)."""
+    monkeypatch.setitem(sys.modules, "tensorflow", None)
+    with pytest.raises(ImportError):
+        import tensorflow  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,7 +110,8 @@ def test_registry():
         (32, 32, 3),
         "adc_cifar100",
     )
-    assert data.get_spec("food101").split_name("test") == "validation"
+    assert data.get_spec("food101").split_name("test") == "test"
+    assert data.get_spec("food101").builder_name == "adc_food101"
     with pytest.raises(ValueError, match=r"Unknown dataset 'imagenet'.*cifar100.*fashion_mnist"):
         data.get_spec("imagenet")
 
@@ -110,7 +120,7 @@ def test_not_prepared_error_names_the_command(tmp_path):
     with pytest.raises(data.DatasetNotPreparedError) as e:
         data.open_split("cifar100", "train", tmp_path)
     assert f"python -m adc_jax.data prepare cifar100 --data_dir {tmp_path}" in str(e.value)
-    with pytest.raises(data.DatasetNotPreparedError, match="tfds build food101"):
+    with pytest.raises(data.DatasetNotPreparedError, match="prepare food101 .*--archive"):
         data.load_source("food101", "test", tmp_path)
     assert not data.is_prepared("cifar10", tmp_path)
     assert_no_tensorflow()
@@ -153,7 +163,7 @@ def test_fashion_mnist_reads_back_the_idx_files_exactly(fashion_dir):
 
 @needs_fashion
 def test_fashion_mnist_record_source_matches_memory(fashion_dir):
-    records = data.open_split("fashion_mnist", "test", fashion_dir, in_memory=False, num_workers=2)
+    records = data.open_split("fashion_mnist", "test", fashion_dir, in_memory=False, worker_count=0)
     memory = data.open_split("fashion_mnist", "test", fashion_dir)
     assert isinstance(records, data.RecordSource) and isinstance(memory, data.ArraySource)
     idx = np.array([9999, 0, 17, 4242, 17])
@@ -217,7 +227,7 @@ def test_command_line(cifar100, tmp_path, capsys):
 def test_mock_data_reads_through_the_real_code_path(tmp_path):
     with tfds.testing.mock_data(num_examples=40):
         train = data.open_split("cifar100", "train", tmp_path)
-        records = data.open_split("cifar100", "train", tmp_path, in_memory=False, num_workers=2)
+        records = data.open_split("cifar100", "train", tmp_path, in_memory=False)
         assert isinstance(train, data.ArraySource) and len(train) == len(records) == 40
         assert train.images.shape == (40, 32, 32, 3) and train.images.dtype == np.uint8
         assert train.labels.min() >= 0 and train.labels.max() < 100
@@ -230,40 +240,130 @@ def test_mock_data_reads_through_the_real_code_path(tmp_path):
             by_name = next(it)
         expected = data.TrainIterator(train, batch_size=16, seed=0).batch(3)
         np.testing.assert_array_equal(by_name["image"], expected["image"])
-        # Food-101's stock builder: random-size JPEG-like images resized on the host.
+        # Food-101: fake 224×224 JPEGs, decoded on the host; mocked sources stay in-process.
         food = data.open_split("food101", "test", tmp_path)
-        assert isinstance(food, data.RecordSource)
+        assert isinstance(food, data.RecordSource) and food.worker_count == 0
         batch = food.get_batch(np.arange(3))
         assert batch["image"].shape == (3, 224, 224, 3) and batch["image"].dtype == np.uint8
     assert_no_tensorflow()
 
 
-def test_food101_stock_builder_prepares_without_tensorflow(tmp_path):
-    """The stock tfds food101 builder, fed a tiny fake archive, prepares and reads TF-free."""
-    pytest.importorskip("importlib_resources", reason="tfds 4.9.10 needs it to prepare food101")
+def write_food101_archive(path, split_counts, seed=0, meta_last=True):
+    """A small ``food-101.tar.gz`` in the official layout; returns the expected examples.
+
+    ``split_counts`` maps class name -> (train count, test count). Images are smooth colour fields
+    of varying size and mode (RGB, grey, CMYK, as in the real archive), each with its own colours
+    so that a swapped image cannot pass. Expected per split: ``[(resized uint8 224×224×3, label)]``
+    in the order of ``meta/<split>.txt`` (which lists the classes' images interleaved).
+    """
     from PIL import Image
 
-    root = tmp_path / "extracted"
-    (root / "food-101" / "meta").mkdir(parents=True)
-    (root / "food-101" / "images" / "apple_pie").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(5):
-        pixels = rng.integers(0, 256, (40 + 10 * i, 30 + 7 * i, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(root / "food-101" / "images" / "apple_pie" / f"{i}.jpg")
-    meta = root / "food-101" / "meta"
-    (meta / "train.json").write_text(
-        json.dumps({"apple_pie": [f"apple_pie/{i}" for i in range(3)]})
+    rng = np.random.default_rng(seed)
+    members, lists = {}, {"train": [], "test": []}
+    expected = {"train": {}, "test": {}}
+    modes = ["RGB", "L", "CMYK"]
+    for name, counts in split_counts.items():
+        for split, count in zip(("train", "test"), counts, strict=True):
+            for _ in range(count):
+                image_id = f"{name}/{rng.integers(10**6, 10**7)}"
+                h, w = rng.integers(60, 400, size=2)
+                corners = rng.integers(0, 256, (2, 2, 3), dtype=np.uint8)
+                rgb = Image.fromarray(corners).resize((int(w), int(h)), Image.BILINEAR)
+                mode = modes[len(members) % len(modes)]
+                buf = io.BytesIO()
+                rgb.convert(mode).save(buf, "JPEG", quality=95)
+                members[f"food-101/images/{image_id}.jpg"] = buf.getvalue()
+                with Image.open(io.BytesIO(buf.getvalue())) as decoded:
+                    small = decoded.convert("RGB").resize((224, 224), Image.BILINEAR)
+                lists[split].append(image_id)
+                expected[split][image_id] = (np.asarray(small), FOOD101_CLASSES.index(name))
+    meta = {}
+    for split in ("train", "test"):
+        order = rng.permutation(len(lists[split]))
+        lists[split] = [lists[split][i] for i in order]
+        meta[f"food-101/meta/{split}.txt"] = "\n".join(lists[split]) + "\n"
+        grouped = {}
+        for image_id in lists[split]:
+            grouped.setdefault(image_id.split("/")[0], []).append(image_id)
+        meta[f"food-101/meta/{split}.json"] = json.dumps(grouped)
+    meta["food-101/meta/classes.txt"] = "\n".join(FOOD101_CLASSES) + "\n"
+    meta["food-101/meta/labels.txt"] = "\n".join(
+        n.replace("_", " ").capitalize() for n in FOOD101_CLASSES
     )
-    (meta / "test.json").write_text(json.dumps({"apple_pie": ["apple_pie/3", "apple_pie/4"]}))
-    with mock.patch.object(
-        tfds.download.DownloadManager, "download_and_extract", lambda self, url: str(root)
+    texts = {k: v.encode() for k, v in meta.items()}
+    ordered = {**members, **texts} if meta_last else {**texts, **members}
+    with tarfile.open(path, "w:gz") as tar:
+        for name, payload in ordered.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return {split: [expected[split][i] for i in lists[split]] for split in ("train", "test")}
+
+
+FOOD_COUNTS = {"apple_pie": (3, 1), "cheese_plate": (2, 2), "waffles": (2, 1)}
+
+
+def check_food101(data_dir, expected):
+    for split in ("train", "test"):
+        source = data.open_split("food101", split, data_dir, worker_count=0)
+        assert isinstance(source, data.RecordSource) and len(source) == len(expected[split])
+        batch = source.get_batch(np.arange(len(source)))
+        assert batch["image"].shape == (len(source), 224, 224, 3)
+        for image, (want, label), got_label in zip(
+            batch["image"], expected[split], batch["label"], strict=True
+        ):
+            assert got_label == label
+            # Re-encoded as JPEG: close to the resized original, far from any other image.
+            assert np.abs(image.astype(int) - want.astype(int)).mean() < 2.0
+
+
+def test_food101_prepares_from_the_archive_without_tensorflow(tmp_path, without_tensorflow):
+    archive = tmp_path / "food-101.tar.gz"
+    expected = write_food101_archive(archive, FOOD_COUNTS)
+    assert (
+        data.main(
+            ["prepare", "food101", "--archive", str(archive), "--data_dir", str(tmp_path / "tfds")]
+        )
+        == 0
+    )
+    check_food101(tmp_path / "tfds", expected)
+    labels = [label for _, label in expected["train"]]
+    assert sorted(set(labels)) == [0, 17, 100]  # apple_pie, cheese_plate, waffles
+    assert "tensorflow" not in sys.modules or sys.modules["tensorflow"] is None
+
+
+def test_food101_downloads_without_extracting(tmp_path, without_tensorflow):
+    """Without --archive the builder downloads the archive only (tfds' extractor needs TF)."""
+    archive = tmp_path / "food-101.tar.gz"
+    expected = write_food101_archive(archive, FOOD_COUNTS, seed=1, meta_last=False)
+    urls = []
+
+    def download(self, url):
+        urls.append(url)
+        return archive
+
+    def extract(self, *args):
+        raise AssertionError("download_and_extract calls tf.io.gfile")
+
+    with (
+        mock.patch.object(tfds.download.DownloadManager, "download", download),
+        mock.patch.object(tfds.download.DownloadManager, "download_and_extract", extract),
     ):
         data.prepare("food101", tmp_path / "tfds")
-    test = data.open_split("food101", "test", tmp_path / "tfds", num_workers=2)
-    batch = test.get_batch(np.arange(2))
-    assert batch["image"].shape == (2, 224, 224, 3)
-    assert batch["label"].tolist() == [0, 0]  # apple_pie is class 0
-    assert_no_tensorflow()
+    assert urls == [FOOD101_URL]
+    check_food101(tmp_path / "tfds", expected)
+
+
+def test_food101_archive_with_missing_images_is_refused(tmp_path):
+    archive = tmp_path / "food-101.tar.gz"
+    write_food101_archive(archive, {"apple_pie": (2, 1)})
+    with tarfile.open(archive) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar if "images" not in m.name]
+    with tarfile.open(archive, "w:gz") as tar:  # the meta lists, no image
+        for member, payload in members:
+            tar.addfile(member, io.BytesIO(payload))
+    with pytest.raises(ValueError, match="holds 0 of the 2 images"):
+        data.prepare("food101", tmp_path / "tfds", archive=archive)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,6 +429,77 @@ def test_process_sharding_partitions_each_global_batch():
         np.testing.assert_array_equal(np.concatenate(parts), glob.batch(step)["label"])
     with pytest.raises(ValueError, match=r"batch size \(10\) must be divisible .* processes \(4\)"):
         data.TrainIterator(src, batch_size=10, seed=0, process_index=0, process_count=4)
+
+
+def test_consecutive_seeds_share_no_epoch_order():
+    """Grain reshuffles epoch e with seed s + e; the run's seed is spread first, so seed 1's first
+    epoch is not seed 0's second."""
+    src = toy_source()
+    zero = data.TrainIterator(src, batch_size=10, seed=0, prefetch=0)
+    one = data.TrainIterator(src, batch_size=10, seed=1, prefetch=0)
+    epoch = lambda it, e: np.concatenate([it.indices(e * 10 + o) for o in range(10)])
+    for e in range(3):
+        assert not np.array_equal(epoch(zero, e + 1), epoch(one, e))
+        assert not np.array_equal(epoch(zero, e), epoch(one, e))
+
+
+def global_batches(source, steps, *, process_count=1, start=0, **kwargs):
+    """The global batches of ``steps`` steps from ``start``, put together from every process."""
+    its = [
+        data.TrainIterator(
+            source,
+            batch_size=8,
+            seed=7,
+            start_step=start,
+            process_index=p,
+            process_count=process_count,
+            **kwargs,
+        )
+        for p in range(process_count)
+    ]
+    out = []
+    for _ in range(steps):
+        parts = [next(it) for it in its]
+        out.append({k: np.concatenate([b[k] for b in parts]) for k in ("image", "label")})
+    for it in its:
+        it.close()
+    return out
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["label"], y["label"])
+
+
+def test_batches_do_not_depend_on_the_number_of_processes_or_threads():
+    src = toy_source()  # 12 steps per epoch at batch 8: 30 steps cross two epochs
+    reference = global_batches(src, 30, prefetch=0)
+    assert_same_batches(global_batches(src, 30, process_count=2), reference)
+    assert_same_batches(global_batches(src, 30, process_count=4, prefetch=3), reference)
+    # Resumed in the middle of the second epoch, by four processes.
+    assert_same_batches(global_batches(src, 13, process_count=4, start=17), reference[17:])
+
+
+@pytest.mark.slow
+def test_grain_workers_give_the_same_batches_and_resume_exactly(cifar100):
+    """Record sources read by Grain worker processes: the batches of one process without
+    workers, for any number of workers and processes, interrupted or not."""
+    data_dir, expected, _ = cifar100  # 23 training examples: 2 steps per epoch at batch 8
+    memory = data.open_split("cifar100", "train", data_dir)
+    records = data.open_split("cifar100", "train", data_dir, in_memory=False, worker_count=2)
+    assert memory.worker_count == 0 and records.worker_count == 2
+    reference = global_batches(memory, 7, prefetch=0)
+    assert_same_batches(global_batches(records, 7), reference)  # 2 workers
+    head = global_batches(records, 3, process_count=2, worker_count=1)
+    tail = global_batches(records, 4, process_count=2, worker_count=2, start=3)
+    assert_same_batches(head + tail, reference)
+    # Evaluation through the workers: every test example once, as the in-memory split gives it.
+    test = data.open_split("cifar100", "test", data_dir, in_memory=False, worker_count=2)
+    batches = list(data.eval_batches(test, batch_size=4))
+    images = np.concatenate([b["image"][b["mask"]] for b in batches])
+    np.testing.assert_array_equal(images, expected["test"]["image"])
 
 
 def test_prefetch_errors_reach_the_caller():
