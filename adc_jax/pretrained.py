@@ -275,7 +275,6 @@ def resolve_source(source: str | os.PathLike) -> str:
 
     Raises:
       FileNotFoundError: a path that does not exist.
-      ImportError: a hub id without ``huggingface_hub`` installed.
       OSError: the download failed (offline, unknown repo, no ``model.safetensors``).
     """
     source = os.fspath(source)
@@ -289,13 +288,8 @@ def resolve_source(source: str | os.PathLike) -> str:
     repo_id = source
     for prefix in _HUB_PREFIXES:
         repo_id = repo_id.removeprefix(prefix)
-    try:
-        import huggingface_hub
-    except ImportError as e:
-        raise ImportError(
-            f"Loading {source!r} from the Hugging Face hub needs huggingface_hub: "
-            "pip install 'adc-jax[hub]', or pass a local .safetensors path."
-        ) from e
+    import huggingface_hub  # only when a hub id is given: its import takes a moment
+
     try:
         return huggingface_hub.hf_hub_download(repo_id=repo_id, filename=HUB_FILENAME)
     except Exception as e:  # offline, unknown repo, missing file: all need the same advice

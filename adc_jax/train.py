@@ -31,8 +31,8 @@ import ml_collections
 import numpy as np
 import optax
 
+from adc_jax import accelerator, split, vit
 from adc_jax import data as data_lib
-from adc_jax import split, vit
 from adc_jax.augment import eval_preprocess, train_augment
 from adc_jax.link import Channel
 from adc_jax.methods import CutShape, StepCost, method_from_config, step_cost
@@ -154,6 +154,7 @@ def setup(config: ml_collections.ConfigDict) -> Experiment:
     """Validates the config and builds model, method, protocol, programs and the schedule."""
     if config.distributed:
         initialize_distributed()
+    accelerator.warn_if_cpu_fallback()  # after distributed init: it starts JAX's backends
     info = data_lib.dataset_info(config.dataset.name)
     test_source = open_data(config, "test")
     method = method_from_config(config.method)

@@ -5,8 +5,8 @@ import logging
 import os
 import pathlib
 import subprocess
-import sys
 
+import huggingface_hub
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -257,7 +257,6 @@ def test_missing_local_file(tmp_path):
 
 
 def test_hub_id_downloads_model_safetensors(ckpt, monkeypatch):
-    huggingface_hub = pytest.importorskip("huggingface_hub")
     calls = []
 
     def fake_download(repo_id, filename, **kwargs):
@@ -274,14 +273,7 @@ def test_hub_id_downloads_model_safetensors(ckpt, monkeypatch):
     assert model.config == CONFIG
 
 
-def test_hub_without_huggingface_hub(monkeypatch):
-    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import now raises ImportError
-    with pytest.raises(ImportError, match=r"pip install 'adc-jax\[hub\]'.*local .safetensors"):
-        pretrained.load_timm("timm/deit_tiny_patch16_224.fb_in1k", model_name=NAME, split_index=2)
-
-
 def test_hub_offline_gives_a_clear_error(monkeypatch, tmp_path):
-    huggingface_hub = pytest.importorskip("huggingface_hub")
     # The real downloader, in offline mode with an empty cache: fails fast, without the network.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
