@@ -368,10 +368,13 @@ def run_grid(
             start = time.time()
             try:
                 summary = train_fn(with_evals(run.config(config), evals), workdir)
-            except Exception:  # noqa: BLE001 -- one bad cell must not end the sweep
+            except Exception as e:  # noqa: BLE001 -- one bad cell must not end the sweep
                 with open(os.path.join(workdir, "error.txt"), "w") as f:
                     f.write(traceback.format_exc())
-                log(f"{tag}: FAILED after {time.time() - start:.0f} s (see {workdir}/error.txt)")
+                log(
+                    f"{tag}: FAILED after {time.time() - start:.0f} s: {type(e).__name__}: {e} "
+                    f"(traceback in {workdir}/error.txt)"
+                )
                 status[run.name] = "failed"
                 continue
             if os.path.exists(error := os.path.join(workdir, "error.txt")):

@@ -111,6 +111,28 @@ def test_evaluations_spread_over_the_budget():
     assert sweep.with_evals(config, 10).eval_every_steps == 7
 
 
+def test_a_failed_run_says_why_and_the_sweep_goes_on(tmp_path):
+    config = sweep.load_config(FASHION_CONFIG)
+    runs, _ = sweep.plan_grid(config, ["base", "adc"], [0.5], seeds=[0])
+    lines, trained = [], []
+
+    def train_fn(run_config, workdir):
+        trained.append(run_config.method.name)
+        if run_config.method.name == "base":
+            raise ValueError("Batch size (100) must be divisible by the number of devices (8)")
+        summary = {"test_accuracy": 0.5, "steps": 1, "xi_nominal": 0.5, "xi_measured": 0.5}
+        (tmp_path / "adc-xi0.5-s0" / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    status = sweep.run_grid(config, runs, str(tmp_path), log=lines.append, train_fn=train_fn)
+    assert status == {"base-xi1-s0": "failed", "adc-xi0.5-s0": "finished"}
+    assert trained == ["base", "adc"]
+    (failed,) = [line for line in lines if "FAILED" in line]
+    assert "ValueError: Batch size (100) must be divisible" in failed
+    error = (tmp_path / "base-xi1-s0" / "error.txt").read_text()
+    assert error.startswith("Traceback") and error.rstrip().endswith("devices (8)")
+
+
 def test_lock_is_exclusive_but_a_dead_owner_is_taken_over(tmp_path):
     workdir = str(tmp_path / "run")
     assert sweep.claim(workdir) and sweep.claim(workdir)  # re-entrant for its owner
