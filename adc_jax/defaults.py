@@ -87,6 +87,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.fused_step = False  # one program per step instead of the three-message protocol
     c.distributed = False  # call jax.distributed.initialize() (multi-host TPU/GPU)
     c.progress = True  # a progress bar on stderr
+    # TensorBoard event files beside metrics.jsonl, when tensorboardX is installed
+    # (pip install 'adc-jax[tensorboard]'); skipped silently when it is not.
+    c.tensorboard = True
     return c
 
 

@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from adc_jax import accelerator, split, vit
+from adc_jax import accelerator, split, tensorboard_writer, vit
 from adc_jax import data as data_lib
 from adc_jax.augment import eval_preprocess, train_augment
 from adc_jax.link import Channel
@@ -295,12 +295,17 @@ class MetricsWriter:
 
     A run resumed from step ``start`` first drops the rows of steps after ``start``: they were
     written by the interrupted process after its last checkpoint and the resumed run writes
-    its own, so the file holds one trajectory.
+    its own, so the file holds one trajectory. ``tensorboard``: every row also goes to
+    TensorBoard event files beside it when tensorboardX is installed
+    (:mod:`adc_jax.tensorboard_writer`).
     """
 
-    def __init__(self, workdir: str, start: int = 0):
+    def __init__(self, workdir: str, start: int = 0, tensorboard: bool = False):
         self._file = None
+        self._events = None
         if jax.process_index() == 0:
+            if tensorboard:
+                self._events = tensorboard_writer.open_writer(workdir, start)
             path = os.path.join(workdir, "metrics.jsonl")
             kept = []
             if os.path.exists(path):
@@ -314,10 +319,14 @@ class MetricsWriter:
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+        if self._events is not None:
+            self._events.write(record)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+        if self._events is not None:
+            self._events.close()
 
 
 def _row_step(line: str) -> float:
@@ -395,7 +404,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = checkpoints.restore(exp.initial_state) or exp.initial_state
     start = int(state.step)
     state = split.replicate(state, exp.devices)
-    writer = MetricsWriter(workdir, start)
+    writer = MetricsWriter(workdir, start, tensorboard=config.tensorboard)
     step_fn = exp.programs.fused_step if config.fused_step else exp.programs.split_step
     batches = data_lib.TrainIterator(
         open_data(config, "train"),
