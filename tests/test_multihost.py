@@ -6,6 +6,8 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -65,5 +67,10 @@ def test_two_processes_equal_one(fashion_dir, tmp_path):
     twos = [summary_line(out) for out, _ in outputs]
     assert one["num_devices"] == 4 and all(t["num_devices"] == 4 for t in twos)
     assert all(t["test_accuracy"] == one["test_accuracy"] for t in twos)
-    assert losses(tmp_path / "two") == losses(tmp_path / "one")  # only process 0 wrote them
+    # Only process 0 wrote them. Both runs see the same batches (tests/test_data.py), but the
+    # gradients and the loss are summed over the four devices through gloo between processes and
+    # in-process within one, and the order of the float32 additions differs: with some batches a
+    # loss differs in its last bit (seen: 2.2820384502 vs 2.2820386887 at step 2, Base and ADC
+    # alike). A different batch would move it by far more than this tolerance.
+    np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=2e-6)
     assert os.path.isdir(tmp_path / "two" / "checkpoints" / "4")

@@ -41,7 +41,7 @@ def test_repo_url_is_set_in_one_place_in_the_parameters_cell():
     source = "\n".join(c.source for c in cells)
     assert "Change runtime type" in source and "TensorFlow" in source
     assert "import tensorflow\n" not in source
-    # Installed through colab/install.py, which pins the runtime's JAX (tests/test_colab_install.py).
+    # Installed by colab/install.py, which pins the runtime's JAX (tests/test_colab_install.py).
     assert 'os.path.join(REPO_DIR, "colab", "install.py"), REPO_DIR' in source
     assert "pip" not in source.replace("install.py", "")  # no other pip call that could move JAX
 
