@@ -260,3 +260,17 @@ def test_no_benchmark_script_shadows_a_standard_module():
 
     names = {path.stem for path in BENCHMARKS.glob("*.py")}
     assert not names & set(sys.stdlib_module_names)
+
+
+def test_input_pipeline_benchmark_measures_both_datasets(tmp_path, capsys):
+    bench = load("input_pipeline")
+    argv = "--images 24 --cifar-images 64 --batch 8 --batches 2 --workers 0"
+    records = bench.main([*argv.split(), "--workdir", str(tmp_path)])
+    out = capsys.readouterr()
+    assert [json.loads(line) for line in out.out.splitlines()] == records
+    assert [(r["dataset"], r["workers"]) for r in records] == [("cifar100", 0), ("food101", 0)]
+    for r in records:
+        assert r["images_per_second"] > 0 and r["cpu_count"] >= 1 and r["cpu"]
+    food = records[1]
+    assert food["train_images"] == 18 and 1000 < food["stored_bytes_per_image"] < 100_000
+    assert "| food101 | JPEG 224x224x3 q90" in out.err
