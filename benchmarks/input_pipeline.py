@@ -14,7 +14,9 @@ the datasets cannot be downloaded everywhere:
   photo-like JPEGs (a smooth colour field plus texture, 341–512 px a side, quality 85, like the
   originals), prepared by the real builder (:class:`adc_jax.datasets.builders.AdcFood101`:
   resized to 224×224, stored as JPEG), then read as a ``RecordSource`` that decodes every image.
-  Preparation throughput and the stored bytes per image are reported too.
+  Preparation throughput and the stored bytes per image are reported too, and so are the bytes
+  and one-core decode time per image of the original JPEG (decoded and resized at every step, as
+  with tfds' stock builder), the stored 224×224 JPEG and raw 224×224 pixels (``format`` records).
 
 ``--workers 0`` reads in ``--prefetch`` threads of this process; ``N`` > 0 in N Grain worker
 processes. Every record is one JSON line with the machine (CPU model, cores, load at the start).
@@ -156,6 +158,61 @@ def food101(args, env) -> list[dict[str, Any]]:
         return [common_fields | measure(source, args, workers) for workers in args.worker_counts]
 
 
+def formats(args, env, count: int = 64) -> list[dict[str, Any]]:
+    """Bytes and one-thread decode time per Food-101 image, for three ways of storing it.
+
+    ``original``: a 512 px JPEG as in the archive, decoded and resized to 224×224 at every step
+    (tfds' stock builder); ``jpeg224``: what :class:`AdcFood101` stores; ``raw224``: uint8 pixels.
+    """
+    from PIL import Image
+
+    from adc_jax.datasets.builders import resize_to_jpeg
+
+    rng = np.random.default_rng(1)
+    originals = []
+    for i in range(count):
+        buf = io.BytesIO()
+        Image.fromarray(photo_like(rng, 512, 384 + 128 * (i % 2))).save(buf, "JPEG", quality=85)
+        originals.append(buf.getvalue())
+    stored = [resize_to_jpeg(o, 224, 90) for o in originals]
+    raw = [np.asarray(Image.open(io.BytesIO(s))).tobytes() for s in stored]
+
+    def decode_resize(b):
+        with Image.open(io.BytesIO(b)) as image:
+            return np.asarray(image.convert("RGB").resize((224, 224), Image.BILINEAR))
+
+    def decode(b):
+        with Image.open(io.BytesIO(b)) as image:
+            return np.asarray(image)
+
+    def copy(b):
+        return np.frombuffer(b, np.uint8).reshape(224, 224, 3).copy()
+
+    out = []
+    for name, blobs, fn in (
+        ("original", originals, decode_resize),
+        ("jpeg224", stored, decode),
+        ("raw224", raw, copy),
+    ):
+        fn(blobs[0])
+        start = time.perf_counter()
+        for _ in range(3):
+            for b in blobs:
+                fn(b)
+        ms = (time.perf_counter() - start) / (3 * count) * 1e3
+        size = float(np.mean([len(b) for b in blobs]))
+        out.append(
+            {
+                "record": "format",
+                "format": name,
+                "bytes_per_image": round(size),
+                "decode_ms_per_image": round(ms, 3),
+                **env,
+            }
+        )
+    return out
+
+
 def main(argv=None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     args.worker_counts = [int(w) for w in args.workers.split(",")]
@@ -179,7 +236,7 @@ def main(argv=None) -> list[dict[str, Any]]:
     if args.dataset in ("cifar100", "both"):
         records += cifar100(args, env)
     if args.dataset in ("food101", "both"):
-        records += food101(args, env)
+        records += formats(args, env) + food101(args, env)
     for record in records:
         common.emit(record)
     print_table(records, file=sys.stderr)
@@ -193,7 +250,7 @@ def _version(name: str) -> str:
 
 
 def print_table(records, file) -> None:
-    r0 = records[0]
+    r0 = records[0]  # the environment fields are the same in every record
     print(
         f"\n{r0['cpu']}, {r0['cpu_count']} cores (load {r0['load_1min']} at the start), "
         f"batch {r0['batch']}, grain {r0['grain']}, Pillow {r0['pillow']}",
@@ -202,12 +259,21 @@ def print_table(records, file) -> None:
     print("| dataset | stored | workers | images/s | first batch (s) |", file=file)
     print("|---|---|---|---|---|", file=file)
     for r in records:
+        if r["record"] != "input":
+            continue
         print(
             f"| {r['dataset']} | {r['stored']} | {r['workers']} | {r['images_per_second']:.0f} "
             f"| {r['first_batch_s']:.2f} |",
             file=file,
         )
-    food = [r for r in records if r["dataset"] == "food101"]
+    for r in records:
+        if r["record"] == "format":
+            print(
+                f"Food-101 image stored as {r['format']}: {r['bytes_per_image']} bytes, "
+                f"{r['decode_ms_per_image']:.3f} ms to serve on one core",
+                file=file,
+            )
+    food = [r for r in records if r.get("dataset") == "food101"]
     if food:
         print(
             f"Food-101 preparation: {food[0]['prepare_images_per_second']:.0f} images/s, "

@@ -268,9 +268,12 @@ def test_input_pipeline_benchmark_measures_both_datasets(tmp_path, capsys):
     records = bench.main([*argv.split(), "--workdir", str(tmp_path)])
     out = capsys.readouterr()
     assert [json.loads(line) for line in out.out.splitlines()] == records
-    assert [(r["dataset"], r["workers"]) for r in records] == [("cifar100", 0), ("food101", 0)]
-    for r in records:
+    inputs = [r for r in records if r["record"] == "input"]
+    assert [(r["dataset"], r["workers"]) for r in inputs] == [("cifar100", 0), ("food101", 0)]
+    for r in inputs:
         assert r["images_per_second"] > 0 and r["cpu_count"] >= 1 and r["cpu"]
-    food = records[1]
+    sizes = {r["format"]: r["bytes_per_image"] for r in records if r["record"] == "format"}
+    assert sizes["raw224"] == 224 * 224 * 3 and sizes["jpeg224"] < sizes["original"]
+    food = inputs[1]
     assert food["train_images"] == 18 and 1000 < food["stored_bytes_per_image"] < 100_000
     assert "| food101 | JPEG 224x224x3 q90" in out.err
