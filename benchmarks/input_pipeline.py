@@ -162,7 +162,9 @@ def formats(args, env, count: int = 64) -> list[dict[str, Any]]:
     """Bytes and one-thread decode time per Food-101 image, for three ways of storing it.
 
     ``original``: a 512 px JPEG as in the archive, decoded and resized to 224×224 at every step
-    (tfds' stock builder); ``jpeg224``: what :class:`AdcFood101` stores; ``raw224``: uint8 pixels.
+    (tfds' stock builder); ``jpeg224``: what :class:`AdcFood101` stores; ``raw224``: uint8 pixels;
+    and, to check the synthetic images against a real one, ``jpeg224`` of matplotlib's sample
+    photo when matplotlib is installed.
     """
     from PIL import Image
 
@@ -176,6 +178,14 @@ def formats(args, env, count: int = 64) -> list[dict[str, Any]]:
         originals.append(buf.getvalue())
     stored = [resize_to_jpeg(o, 224, 90) for o in originals]
     raw = [np.asarray(Image.open(io.BytesIO(s))).tobytes() for s in stored]
+    # A real photo beside the synthetic ones, where matplotlib ships it (the plots extra).
+    try:
+        from matplotlib import cbook
+
+        with open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False), "rb") as f:
+            photo = [resize_to_jpeg(f.read(), 224, 90)]
+    except (ImportError, OSError):
+        photo = []
 
     def decode_resize(b):
         with Image.open(io.BytesIO(b)) as image:
@@ -193,13 +203,17 @@ def formats(args, env, count: int = 64) -> list[dict[str, Any]]:
         ("original", originals, decode_resize),
         ("jpeg224", stored, decode),
         ("raw224", raw, copy),
+        ("jpeg224 of a photo (grace_hopper.jpg)", photo, decode),
     ):
+        if not blobs:
+            continue
         fn(blobs[0])
         start = time.perf_counter()
-        for _ in range(3):
+        repeats = 3 * count // len(blobs)
+        for _ in range(repeats):
             for b in blobs:
                 fn(b)
-        ms = (time.perf_counter() - start) / (3 * count) * 1e3
+        ms = (time.perf_counter() - start) / (repeats * len(blobs)) * 1e3
         size = float(np.mean([len(b) for b in blobs]))
         out.append(
             {
