@@ -63,8 +63,8 @@ def parse_args(argv):
 def photo_like(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     """uint8 [H, W, 3]: a bicubic-upsampled random colour field plus Gaussian texture.
 
-    Its JPEGs match a real photo's (matplotlib's grace_hopper.jpg) within 10-30 % in size and
-    decode time at 512 px and at 224 px (``docs/input_pipeline.md``).
+    Resized to 224×224 its JPEGs are as large as a real photo's (matplotlib's grace_hopper.jpg)
+    and no faster to decode (the ``format`` records; ``docs/input_pipeline.md``).
     """
     from PIL import Image
 
