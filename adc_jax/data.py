@@ -500,13 +500,17 @@ def _grain_iterator(
     """Grain's iterator over ``read(i)`` for ``i`` in ``[start, stop)``, in that order.
 
     Every element is a whole batch. ``worker_count`` > 0: worker processes compute them (worker
-    ``w`` the ``i ≡ w`` mod ``worker_count``; Grain hands them back in order), each one element
-    ahead; 0: ``prefetch`` threads of this process. Either way ``prefetch`` elements are computed
-    ahead; 0: each one in the caller's thread when it is asked for.
+    ``w`` the ``i ≡ w`` mod ``worker_count``; Grain hands them back in order), one at a time, each
+    keeping up to ``max(1, prefetch)`` finished ones. 0: ``prefetch`` threads of this process
+    compute ``prefetch`` elements ahead; with ``prefetch`` 0, each one is computed in the caller's
+    thread when it is asked for.
     """
     ds = grain.MapDataset.range(start, stop).map(read)
-    threads = 1 if worker_count else prefetch
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch))
+    if worker_count:
+        read_options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)
+    else:
+        read_options = grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch)
+    it = ds.to_iter_dataset(read_options)
     if worker_count:
         # Grain 0.2.18's mp_prefetch reads one of its absl flags, which raises in a program that
         # never parsed flags (a notebook, a test, a script without absl.app); later Grain

@@ -262,6 +262,7 @@ def test_no_benchmark_script_shadows_a_standard_module():
     assert not names & set(sys.stdlib_module_names)
 
 
+@pytest.mark.slow
 def test_input_pipeline_benchmark_measures_both_datasets(tmp_path, capsys):
     bench = load("input_pipeline")
     argv = "--images 24 --cifar-images 64 --batch 8 --batches 2 --workers 0"
