@@ -502,6 +502,19 @@ def test_grain_workers_give_the_same_batches_and_resume_exactly(cifar100):
     np.testing.assert_array_equal(images, expected["test"]["image"])
 
 
+def test_worker_count_defaults_to_half_the_cores_or_the_environment(monkeypatch):
+    monkeypatch.delenv(data.WORKERS_ENV, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert data.default_worker_count() == 8
+    assert data.RecordSource(range(5), (1, 1, 1)).worker_count == 8
+    monkeypatch.setenv(data.WORKERS_ENV, "3")
+    assert data.RecordSource(range(5), (1, 1, 1)).worker_count == 3
+    assert data.ArraySource(np.zeros((2, 1, 1, 1), np.uint8), np.zeros(2)).worker_count == 0
+    monkeypatch.setenv(data.WORKERS_ENV, "many")
+    with pytest.raises(ValueError, match="ADC_JAX_DATA_WORKERS must be a number"):
+        data.default_worker_count()
+
+
 def test_prefetch_errors_reach_the_caller():
     class Broken(data.ArraySource):
         def get_batch(self, indices):
