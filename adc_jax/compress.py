@@ -30,7 +30,7 @@ from adc_jax.kmeans import kmeans
 # Guards int(r·B) against float error such as 0.29 * 100 = 28.999999999999996.
 _EPS = 1e-9
 
-SPLITS = ("sqrt", "fifth")
+SPLITS = ("sqrt", "fifth", "release")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +72,10 @@ def compression_plan(
     Give exactly one of:
 
     * ``xi`` (with ``split``): ``split="sqrt"`` (default, the paper's EUSIPCO version) uses
-      ``T/B = k/N = √ξ``; ``split="fifth"`` (the 2025 experiment code) uses ``T/B = ξ^(1/5)`` and
-      ``k/N = ξ^(4/5)``;
+      ``T/B = k/N = √ξ``; ``split="fifth"`` (the authors' 2025 research code) uses
+      ``T/B = ξ^(1/5)`` and ``k/N = ξ^(4/5)``; ``split="release"`` (the authors' 2026 release
+      code, which produced the paper's figures) uses ``T/B = √ξ`` and ``k/N = ξ^(1/4)``, so it
+      sends ``ξ^(3/4)`` of the activations (0.178 at ξ = 0.1) while its budget counts ``ξ``;
     * ``batch_ratio`` and ``token_ratio``;
     * ``num_clusters`` and ``num_tokens``.
 
@@ -103,6 +105,8 @@ def compression_plan(
             batch_ratio = token_ratio = math.sqrt(xi)
         elif split == "fifth":
             batch_ratio, token_ratio = xi ** (1 / 5), xi ** (4 / 5)
+        elif split == "release":
+            batch_ratio, token_ratio = math.sqrt(xi), xi ** (1 / 4)
         else:
             raise ValueError(f"Unknown split {split!r}; expected one of {SPLITS}.")
     if num_clusters is None and num_tokens is None:

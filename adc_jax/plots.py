@@ -1,4 +1,4 @@
-"""Figures and tables from run workdirs, and the paper's reference numbers (ADC_SPEC §4).
+"""Figures and tables from run workdirs, beside the paper's numbers (:mod:`adc_jax.paper`).
 
     python -m adc_jax.sweep plot --root runs/sweep_fmnist --out docs/fashion_mnist_sweep
 
@@ -27,37 +27,7 @@ from typing import Any
 
 import numpy as np
 
-# ---- The paper's numbers (ADC_SPEC §4, read off its figures, ±0.005) ------------------------
-
-PAPER_XI = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
-# (model, dataset) → Base and ADC's final test accuracy at PAPER_XI.
-PAPER_RESULTS: dict[tuple[str, str], dict[str, Any]] = {
-    ("deit_tiny_patch16_224", "cifar100"): {
-        "base": 0.825,
-        "adc": dict(zip(PAPER_XI, (0.665, 0.713, 0.771, 0.807, 0.819, 0.822, 0.824), strict=True)),
-    },
-    ("deit_small_patch16_224", "cifar100"): {
-        "base": 0.864,
-        "adc": dict(zip(PAPER_XI, (0.735, 0.771, 0.804, 0.844, 0.853, 0.860, 0.858), strict=True)),
-    },
-    ("deit_tiny_patch16_224", "food101"): {
-        "base": 0.812,
-        "adc": dict(zip(PAPER_XI, (0.607, 0.664, 0.736, 0.789, 0.808, 0.813, 0.815), strict=True)),
-    },
-    ("deit_small_patch16_224", "food101"): {
-        "base": 0.839,
-        "adc": dict(zip(PAPER_XI, (0.714, 0.745, 0.787, 0.821, 0.834, 0.841, 0.841), strict=True)),
-    },
-}
-# The baselines the paper reports (CIFAR-100, DeiT-T only): method → (ξ, accuracy).
-PAPER_BASELINES: dict[tuple[str, str], dict[str, tuple[float, float]]] = {
-    ("deit_tiny_patch16_224", "cifar100"): {
-        "topk": (0.136, 0.739),
-        "randtopk": (0.136, 0.668),
-        "c3sl": (0.125, 0.589),
-        "bottlenet": (0.1, 0.629),
-    },
-}
+from adc_jax import paper
 
 LABELS = {
     "base": "Base",
@@ -73,14 +43,6 @@ METHOD_ORDER = tuple(LABELS)
 COLORS = {m: f"C{i}" for i, m in enumerate(METHOD_ORDER)}
 MARKERS = dict(zip(METHOD_ORDER, "o*sv^DPX", strict=True))
 GIB = 2.0**30
-
-
-def paper_reference(model: str, dataset: str) -> dict[str, Any] | None:
-    """The paper's Base/ADC numbers (and baselines, where given) for a setting, or ``None``."""
-    results = PAPER_RESULTS.get((model, dataset))
-    if results is None:
-        return None
-    return {**results, "baselines": PAPER_BASELINES.get((model, dataset), {})}
 
 
 # ---- Reading runs -----------------------------------------------------------------------------
@@ -349,7 +311,7 @@ def plot_accuracy_vs_xi(groups: Sequence[Group], path: str, *, title: str | None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8), constrained_layout=True)
     model, dataset = _setting(groups)
-    reference = paper_reference(model, dataset)
+    reference = paper.reference(model, dataset)
     ticks = set()
     by_method: dict[str, list[Group]] = {}
     for g in groups:
@@ -543,7 +505,7 @@ def plot_sweep(
     plot_accuracy_vs_xi(groups, out + "_accuracy.png")
     write_csv(rows, out + "_accuracy.csv")
     body = notes + "\n" + markdown_table(rows, groups)
-    reference = paper_reference(model, dataset)
+    reference = paper.reference(model, dataset)
     if reference is not None:
         body += "\nThe paper's numbers for this setting (ADC_SPEC §4):\n\n" + paper_markdown(
             reference
@@ -566,15 +528,12 @@ def plot_sweep(
 
 
 __all__ = [
-    "PAPER_BASELINES",
-    "PAPER_RESULTS",
     "Group",
     "RunResult",
     "group_runs",
     "load_run",
     "load_runs",
     "markdown_table",
-    "paper_reference",
     "plot_accuracy_vs_bytes",
     "plot_accuracy_vs_xi",
     "plot_sweep",

@@ -1,48 +1,40 @@
 r"""Sweeps: a grid of methods × compression ratios ξ × seeds, one workdir per run, and its plots.
 
     python -m adc_jax.sweep run --config configs/vit_fashion_mnist.py \
-        --methods base,adc,c3sl,topk,randtopk,bottlenet,quantize --xi 0.1,0.25,0.5 --seeds 0 \
-        --root runs/sweep_fmnist --set budget.base_epochs=1 [--dry-run]
+        --config.budget.base_epochs=1 --methods base,adc,c3sl,topk,randtopk,bottlenet,quantize \
+        --xi 0.1,0.25,0.5 --seeds 0 --root runs/sweep_fmnist [--dry_run]
+    python -m adc_jax.sweep run --config configs/deit_t_cifar100.py --preset paper \
+        --seeds 0,1,2 --root runs/deit_t_cifar100
     python -m adc_jax.sweep plot --root runs/sweep_fmnist --out docs/fashion_mnist_sweep
 
-Every run lives in ``<root>/<method>-xi<ξ>-s<seed>`` (Base once, as ``base-xi1-s<seed>``) and is
-an ordinary :func:`adc_jax.train.train_and_evaluate` workdir plus a ``sweep.json`` that records
-the target ξ, the method knob chosen for it and the paper-compatible ξ that knob achieves. A run
-whose ``summary.json`` exists is skipped; any other is (re)started, and ``train_and_evaluate``
-resumes it from its last checkpoint by itself. So an interrupted sweep continues when the same
-command is given again, and several copies of the command (one per core or machine sharing the
-root) split the grid between them: each run is claimed with a lock file first.
+The config and its ``--config.x=...`` overrides work exactly as for ``train.py``. Every run lives
+in ``<root>/<name>`` and is an ordinary :func:`adc_jax.train.train_and_evaluate` workdir plus a
+``sweep.json`` that records the method, its knob, the target ξ and the paper-compatible ξ the
+knob achieves. A run whose ``summary.json`` exists is skipped; any other is (re)started, and
+``train_and_evaluate`` resumes it from its last checkpoint by itself. So an interrupted sweep
+continues when the same command is given again, and several copies of the command (one per core
+or machine sharing the root) split the grid between them: each run is claimed with a lock file.
 
-Each method has its own compression knob; :func:`method_knobs` maps a target ξ to the knob whose
-paper-compatible ξ (ADC_SPEC §3, §5) is closest:
+Two kinds of grid:
 
-=========  =========================  ==================================================
-method     knob                       rule
-=========  =========================  ==================================================
-adc        ``method.xi``              ξ itself (budgeted at its nominal ξ, as the paper)
-c3sl       ``method.ratio``           the divisor R of the batch size closest to 1/ξ
-bottlenet  ``method.compression``     ξ (the achieved ξ is round(ξ·D)/D)
-topk       ``method.rate``            r solving ξ = ½[r(1 + ⌈log₂(B·N·D)⌉/32) + r]
-randtopk   ``method.rate``            as topk
-quantize   ``method.bits``            round(32ξ), at least 1
-fedlite    ``method.num_subvectors``  the (q, L) closest to ξ; ξ ≥ 0.5 only (the
-           ``method.num_centroids``   downlink is the dense gradient), else skipped
-base       —                          ξ = 1, one run per seed whatever the ξ grid
-=========  =========================  ==================================================
+* **ξ targets** (``--xi``): each method's knob is solved from the target by the method's own
+  rule (:meth:`adc_jax.methods.Method.knobs_for_xi`, the inverse of its ``xi_paper``); runs are
+  named ``<method>-xi<ξ>-s<seed>``. A method that cannot reach a target (FedLite below 0.5) is
+  left out with the reason.
+* **The authors' grids** (``--preset paper``): the knob values the paper's authors swept
+  (:data:`adc_jax.paper.GRIDS`: C3-SL's R ∈ {2, 4, 8, 16, 32}, Top-K's rate ∈ {0.01 … 0.5}, …);
+  runs are named ``<method>-<knob><value>-s<seed>`` and plotted at the ξ their knob achieves.
 
-Runs go in the order Base, ADC, then the baselines, each by decreasing ξ (the cheapest runs
-first: fewer steps under the paper's budget), so a sweep cut short is missing the baselines'
-most expensive corner, not the method under study or a whole ξ. ``--evals N`` (default 10)
-spreads N test evaluations over each run, for the accuracy-vs-bytes curves; the config's own
-schedule evaluates once per epoch-equivalent of the budget only.
+Base runs once per seed (``base-xi1-s<seed>``). Runs go in the order Base, ADC, then the
+baselines, each by decreasing ξ (the cheapest runs first: fewer steps under the paper's budget),
+so a sweep cut short is missing the baselines' most expensive corner, not the method under study
+or a whole ξ. ``--evals N`` (default 10) spreads N test evaluations over each run, for the
+accuracy-vs-bytes curves; the config's own schedule evaluates once per epoch-equivalent only.
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -55,71 +47,14 @@ from typing import Any
 
 import ml_collections
 
-from adc_jax.methods import METHODS, CutShape, method_from_config
+from adc_jax import paper
+from adc_jax.defaults import load_config  # noqa: F401 -- the notebook loads configs here
+from adc_jax.methods import METHODS, CutShape, Unreachable, method_from_config
 
 BASE_XI = 1.0
 RUN_FILE = "sweep.json"  # what the sweep records in each run's workdir
 LOCK_FILE = "sweep.lock"
-# Methods in the order the figures list them.
-METHOD_ORDER = ("base", "adc", "c3sl", "topk", "randtopk", "bottlenet", "quantize", "fedlite")
-
-
-class Unreachable(ValueError):
-    """A method cannot reach a target ξ with any setting of its knob."""
-
-
-# ---- ξ → each method's knob ---------------------------------------------------------------
-
-
-def c3sl_ratio(xi: float, batch_size: int) -> int:
-    """The divisor ``R`` of ``batch_size`` closest to ``1/ξ`` (ties: the smaller ``R``)."""
-    divisors = [r for r in range(1, batch_size + 1) if batch_size % r == 0]
-    return min(divisors, key=lambda r: (abs(r - 1.0 / xi), r))
-
-
-def topk_rate(xi: float, cut: CutShape) -> float:
-    """Top-K's ``r`` with ``ξ = ½[r(1 + ⌈log₂(B·N·D)⌉/32) + r]`` (ADC_SPEC §5)."""
-    index_bits = math.ceil(math.log2(cut.batch_size * cut.seq_len * cut.width))
-    rate = 2.0 * xi / (2.0 + index_bits / 32)
-    if rate > 1.0:
-        raise Unreachable(f"Top-K tops out at ξ = {1 + index_bits / 64:.3f} (r = 1); got {xi}.")
-    return rate
-
-
-def quantize_bits(xi: float) -> int:
-    """``round(32ξ)`` bits (half up), clipped to the 1..16 the method accepts."""
-    return min(16, max(1, math.floor(32 * xi + 0.5)))
-
-
-def fedlite_knobs(xi: float, cut: CutShape) -> dict[str, int]:
-    """FedLite's ``(q, L)`` (one group) whose paper ξ is closest to ``xi``.
-
-    ``ξ = ½(ξ_up + 1)``: the downlink is the dense gradient, so only targets ≥ 0.5 are
-    reachable. Candidates stay in the range FedLite was designed for, so that a target near 0.5
-    does not pick a degenerate 2-centroid codebook: sub-vectors of 8 to D values (``q`` dividing
-    ``N·D``) and ``L`` a power of two from 16 to 256 (4- to 8-bit codes); ties go to the
-    smaller codebook.
-    """
-    if xi < 0.5:
-        raise Unreachable(f"FedLite sends the dense gradient back, so its ξ ≥ 0.5; got {xi}.")
-    size = cut.seq_len * cut.width
-    best = None
-    for q in range(1, size + 1):
-        if size % q or not 8 <= size // q <= cut.width:
-            continue
-        for L in (16, 32, 64, 128, 256):
-            if L > cut.batch_size * q:
-                break
-            knobs = {"num_subvectors": q, "num_centroids": L, "num_groups": 1}
-            key = (abs(_paper_xi("fedlite", knobs, cut) - xi), L * size // q, q)
-            if best is None or key < best[0]:
-                best = (key, knobs)
-    if best is None or best[0][0] > 0.1 * xi:
-        raise Unreachable(
-            f"FedLite cannot get within 10% of ξ = {xi} with 4- to 8-bit codes on sub-vectors of "
-            f"8..D values (N·D = {size})."
-        )
-    return best[1]
+PRESETS = {"paper": paper.GRIDS}
 
 
 def method_knobs(method: str, xi: float, cut: CutShape) -> dict[str, Any]:
@@ -133,24 +68,11 @@ def method_knobs(method: str, xi: float, cut: CutShape) -> dict[str, Any]:
         raise ValueError(f"Unknown method {method!r}; expected one of {sorted(METHODS)}.")
     if not 0 < xi <= 1:
         raise ValueError(f"Target ξ ({xi}) must be in (0, 1].")
-    if method == "base":
-        return {}
-    if method == "adc":
-        return {"xi": float(xi)}
-    if method == "c3sl":
-        return {"ratio": c3sl_ratio(xi, cut.batch_size)}
-    if method == "bottlenet":
-        return {"compression": float(xi)}
-    if method in ("topk", "randtopk"):
-        return {"rate": topk_rate(xi, cut)}
-    if method == "quantize":
-        return {"bits": quantize_bits(xi)}
-    if method == "fedlite":
-        return fedlite_knobs(xi, cut)
-    raise ValueError(f"No ξ mapping for method {method!r}.")
+    return METHODS[method].knobs_for_xi(xi, cut)
 
 
-def _paper_xi(method: str, knobs: dict[str, Any], cut: CutShape) -> float:
+def paper_xi(method: str, knobs: dict[str, Any], cut: CutShape) -> float:
+    """The paper-compatible ξ of ``method`` with ``knobs`` on ``cut``."""
     cfg = ml_collections.ConfigDict({"name": method, **knobs})
     return float(method_from_config(cfg).xi_paper(cut))
 
@@ -175,14 +97,15 @@ class Run:
     """One cell of the grid."""
 
     method: str
-    xi_target: float
+    xi_target: float  # the ξ the run is plotted at (its knob's paper ξ for a preset grid)
     seed: int
     knobs: tuple[tuple[str, Any], ...]  # config.method overrides, sorted
     xi_paper: float  # what the knobs achieve (paper-compatible)
+    tag: str = ""  # the name's middle part; default xi<ξ target>
 
     @property
     def name(self) -> str:
-        return run_name(self.method, self.xi_target, self.seed)
+        return run_name(self.method, self.xi_target, self.seed, self.tag)
 
     def config(self, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         """``base`` with this run's method, knobs and seed."""
@@ -194,9 +117,9 @@ class Run:
         return config
 
 
-def run_name(method: str, xi: float, seed: int) -> str:
-    """``<method>-xi<ξ>-s<seed>``, ξ as ``%g`` (0.1, 0.25, 1)."""
-    return f"{method}-xi{xi:g}-s{seed}"
+def run_name(method: str, xi: float, seed: int, tag: str = "") -> str:
+    """``<method>-<tag>-s<seed>``, the tag defaulting to ``xi<ξ>`` (ξ as ``%g``: 0.1, 0.25)."""
+    return f"{method}-{tag or f'xi{xi:g}'}-s{seed}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,36 +131,71 @@ class Skipped:
     reason: str
 
 
+def _check_methods(methods: Sequence[str]) -> None:
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"Unknown methods {unknown}; expected some of {sorted(METHODS)}.")
+
+
+def _ordered(cells: list[tuple[str, float, dict, str]]) -> list[tuple[str, float, dict, str]]:
+    """Base, ADC, then the baselines, each by decreasing ξ."""
+    rank = lambda m: 0 if m == "base" else 1 if m == "adc" else 2
+    return sorted(cells, key=lambda c: (rank(c[0]), -c[1]))
+
+
+def _runs(cells, seeds, cut) -> list[Run]:
+    return [
+        Run(method, xi, seed, tuple(sorted(knobs.items())), paper_xi(method, knobs, cut), tag)
+        for method, xi, knobs, tag in _ordered(cells)
+        for seed in seeds
+    ]
+
+
 def plan_grid(
     config: ml_collections.ConfigDict,
     methods: Sequence[str],
     xis: Sequence[float],
     seeds: Sequence[int],
 ) -> tuple[list[Run], list[Skipped]]:
-    """The runs of the grid (Base, ADC, then the baselines, each by decreasing ξ) and the cells
-    left out."""
+    """The runs of a grid of ξ targets (Base, ADC, then the baselines, each by decreasing ξ)
+    and the cells left out."""
+    _check_methods(methods)
     cut = cut_shape(config)
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise ValueError(f"Unknown methods {unknown}; expected some of {sorted(METHODS)}.")
-    cells, skipped = [], []
-    if "base" in methods:
-        cells.append(("base", BASE_XI, {}))
-    # ADC (the method under study) before the baselines, each by decreasing ξ (fewest steps).
-    baselines = [m for m in methods if m not in ("base", "adc")]
-    order = [("adc", xi) for xi in sorted(set(xis), reverse=True) if "adc" in methods]
-    order += [(m, xi) for xi in sorted(set(xis), reverse=True) for m in baselines]
-    for method, xi in order:
-        try:
-            cells.append((method, xi, method_knobs(method, xi, cut)))
-        except Unreachable as e:
-            skipped.append(Skipped(method, xi, str(e)))
-    runs = [
-        Run(method, xi, seed, tuple(sorted(knobs.items())), _paper_xi(method, knobs, cut))
-        for method, xi, knobs in cells
-        for seed in seeds
-    ]
-    return runs, skipped
+    cells = [("base", BASE_XI, {}, "")] if "base" in methods else []
+    skipped = []
+    for method in (m for m in methods if m != "base"):
+        for xi in sorted(set(xis), reverse=True):
+            try:
+                cells.append((method, xi, method_knobs(method, xi, cut), ""))
+            except Unreachable as e:
+                skipped.append(Skipped(method, xi, str(e)))
+    return _runs(cells, seeds, cut), skipped
+
+
+def plan_preset(
+    config: ml_collections.ConfigDict,
+    preset: str,
+    seeds: Sequence[int],
+    methods: Sequence[str] | None = None,
+) -> tuple[list[Run], list[Skipped]]:
+    """The runs of a preset's knob grids (default: Base and every method the preset has)."""
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; expected one of {sorted(PRESETS)}.")
+    grids = PRESETS[preset]
+    methods = list(methods) if methods else ["base", *grids]
+    _check_methods(methods)
+    cut = cut_shape(config)
+    cells = [("base", BASE_XI, {}, "")] if "base" in methods else []
+    skipped = []
+    for method in (m for m in methods if m != "base"):
+        if method not in grids:
+            skipped.append(Skipped(method, math.nan, f"the {preset} preset has no {method} grid"))
+            continue
+        field, values = grids[method]
+        for value in values:
+            knobs = {field: value}
+            cells.append((method, paper_xi(method, knobs, cut), knobs, f"{field}{value:g}"))
+    return _runs(cells, seeds, cut), skipped
 
 
 # ---- Running ------------------------------------------------------------------------------
@@ -396,115 +354,94 @@ def _accuracy_note(workdir: str) -> str:
     return f"test accuracy {summary['test_accuracy']:.4f}, {summary['steps']} steps"
 
 
-# ---- Config files and overrides -------------------------------------------------------------
-
-
-def load_config(spec: str) -> ml_collections.ConfigDict:
-    """``path/to/config.py`` or ``path/to/config.py:arg`` → ``get_config(arg)``."""
-    path, _, arg = spec.partition(":")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"Config file {path!r} does not exist.")
-    module_spec = importlib.util.spec_from_file_location("_sweep_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
-    """Applies ``key.path=value`` strings, converting to each existing field's type.
-
-    An unknown key fails loudly (a misspelt override must not run a whole sweep).
-    """
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set wants key=value, got {item!r}.")
-        *parents, leaf = key.strip().split(".")
-        node = config
-        for part in parents:
-            if part not in node:
-                raise KeyError(f"Unknown config field {key!r} (no {part!r}).")
-            node = node[part]
-        if leaf not in node:
-            raise KeyError(f"Unknown config field {key!r}.")
-        node[leaf] = _convert(node[leaf], text.strip(), key)
-
-
-def _convert(current: Any, text: str, key: str) -> Any:
-    if isinstance(current, bool):
-        if text.lower() in ("1", "true", "yes"):
-            return True
-        if text.lower() in ("0", "false", "no"):
-            return False
-        raise ValueError(f"{key} is a bool; got {text!r}.")
-    if isinstance(current, int):
-        return int(text)
-    if isinstance(current, float):
-        return float(text)
-    if isinstance(current, str):
-        return text
-    return ast.literal_eval(text)
-
-
 # ---- Command line ---------------------------------------------------------------------------
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+def _define_flags(fv, argv: list[str]):
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "Experiment config file (as for train.py).",
+        flag_values=fv,
+        lock_config=True,
+        sys_argv=argv,  # where it finds the --config.x overrides to define
+    )
+    flags.DEFINE_list(
+        "methods", None, "Methods (default: base,adc; with --preset, all).", flag_values=fv
+    )
+    flags.DEFINE_list("xi", ["0.1", "0.25", "0.5"], "Target ξ values.", flag_values=fv)
+    flags.DEFINE_list("seeds", ["0"], "Seeds.", flag_values=fv)
+    flags.DEFINE_enum(
+        "preset", None, sorted(PRESETS), "Knob grids instead of --xi.", flag_values=fv
+    )
+    flags.DEFINE_string("root", None, "One workdir per run under this directory.", flag_values=fv)
+    flags.DEFINE_integer(
+        "evals",
+        10,
+        "Test evaluations per run, evenly spaced (0: the config's schedule, one per "
+        "epoch-equivalent of the budget); ignored when eval_every_steps is set.",
+        flag_values=fv,
+    )
+    flags.DEFINE_bool("dry_run", False, "List the grid and exit.", flag_values=fv)
+    flags.DEFINE_string(
+        "out", None, "plot: output prefix, e.g. docs/fashion_mnist_sweep.", flag_values=fv
+    )
+    flags.DEFINE_list(
+        "bytes_runs",
+        None,
+        "plot: groups for the bytes figure, as method or method-xi<ξ> (default: base,adc).",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "note", "", "plot: text for the tables, e.g. the machine used.", flag_values=fv
+    )
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+def _message(error: BaseException) -> str:
+    """The innermost message of an error that wraps another (AttributeError(KeyError(...)))."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return str(text)
 
 
-def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
+USAGE = """usage: python -m adc_jax.sweep run --config FILE[:arg] [--config.x=...] --root DIR
+           [--methods m,...] [--xi 0.1,...] [--preset paper] [--seeds 0,...] [--evals N]
+           [--dry_run]
+       python -m adc_jax.sweep plot --root DIR --out PREFIX [--bytes_runs ...] [--note ...]"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m adc_jax.sweep {run, plot} ...`` (see the module docstring)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m adc_jax.sweep",
-        description="Run a grid of split-learning experiments and plot it.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run (or resume) a grid of methods × ξ × seeds")
-    r.add_argument("--config", required=True, help="config file, optionally path.py:arg")
-    r.add_argument("--methods", type=_names, default=["base", "adc"], help="comma-separated")
-    r.add_argument("--xi", type=_floats, default=[0.1, 0.25, 0.5], help="target ξ values")
-    r.add_argument("--seeds", type=_ints, default=[0], help="comma-separated seeds")
-    r.add_argument("--root", required=True, help="one workdir per run under this directory")
-    r.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override, e.g. budget.base_epochs=1 (repeatable)",
-    )
-    r.add_argument(
-        "--evals",
-        type=int,
-        default=10,
-        help="test evaluations per run, evenly spaced (0: the config's schedule, one per "
-        "epoch-equivalent of the budget); ignored when eval_every_steps is set",
-    )
-    r.add_argument("--dry-run", action="store_true", help="list the grid and exit")
-    p = sub.add_parser("plot", help="figures and tables from a sweep's root")
-    p.add_argument("--root", required=True)
-    p.add_argument("--out", required=True, help="output prefix, e.g. docs/fashion_mnist_sweep")
-    p.add_argument(
-        "--bytes-runs",
-        type=_names,
-        default=None,
-        help="groups for the bytes figure, as method or method-xi<ξ> (default: base,adc)",
-    )
-    p.add_argument("--note", default="", help="text for the tables, e.g. the machine used")
-    args = parser.parse_args(argv)
+    from absl import flags
 
-    if args.command == "plot":
+    words = list(sys.argv[1:] if argv is None else argv)
+    fv = flags.FlagValues()
+    _define_flags(fv, ["adc_jax.sweep", *words])
+    try:
+        command = fv(["adc_jax.sweep", *words])[1:]
+        if command not in (["run"], ["plot"]):
+            raise flags.Error(f"expected one command, run or plot; got {command or 'none'}")
+        if fv.root is None or (command == ["run"] and fv.config is None):
+            raise flags.Error("run needs --config and --root; plot needs --root and --out")
+        if command == ["plot"] and fv.out is None:
+            raise flags.Error("plot needs --out")
+        config = fv.config
+        if command == ["run"]:
+            config.method  # noqa: B018 -- a config file that failed to load raises here
+    except (flags.Error, AttributeError, KeyError, ValueError, OSError) as e:
+        # A misspelt --config.x (ml_collections says "did you mean"), a bad value or config
+        # argument, a missing config file: one message, not a traceback.
+        print(f"{_message(e)}\n{USAGE}", file=sys.stderr)
+        return 2
+
+    if command == ["plot"]:
         from adc_jax import plots
 
-        written = plots.plot_sweep(args.root, args.out, bytes_runs=args.bytes_runs, note=args.note)
+        written = plots.plot_sweep(fv.root, fv.out, bytes_runs=fv.bytes_runs, note=fv.note)
         for path in written:
             print(path)
         return 0
@@ -512,24 +449,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-    config = load_config(args.config)
-    apply_overrides(config, args.set)
-    runs, skipped = plan_grid(config, args.methods, args.xi, args.seeds)
+    seeds = [int(s) for s in fv.seeds]
+    if fv.preset:
+        runs, skipped = plan_preset(config, fv.preset, seeds, fv.methods)
+    else:
+        xis = [float(x) for x in fv.xi]
+        runs, skipped = plan_grid(config, fv.methods or ["base", "adc"], xis, seeds)
     for cell in skipped:
         print(f"left out: {cell.method} at ξ {cell.xi_target:g}: {cell.reason}")
-    if args.dry_run:
-        print(f"{len(runs)} runs under {args.root}:")
+    if fv.dry_run:
+        print(f"{len(runs)} runs under {fv.root}:")
         for run in runs:
-            state = "finished" if is_finished(os.path.join(args.root, run.name)) else "to run"
+            state = "finished" if is_finished(os.path.join(fv.root, run.name)) else "to run"
             knobs = ", ".join(f"{k}={v:.4g}" for k, v in run.knobs) or "-"
             print(f"  {run.name:28s} {knobs:36s} paper ξ {run.xi_paper:.4f}  {state}")
         return 0
-    os.makedirs(args.root, exist_ok=True)
-    with open(os.path.join(args.root, "sweep_command.txt"), "a") as f:
-        words = sys.argv[1:] if argv is None else list(argv)
+    os.makedirs(fv.root, exist_ok=True)
+    with open(os.path.join(fv.root, "sweep_command.txt"), "a") as f:
         f.write(" ".join(["python -m adc_jax.sweep", *words]) + "\n")
     status = run_grid(
-        config, runs, args.root, evals=args.evals, log=lambda line: print(line, flush=True)
+        config, runs, fv.root, evals=fv.evals, log=lambda line: print(line, flush=True)
     )
     counts = {s: list(status.values()).count(s) for s in sorted(set(status.values()))}
     print("sweep done: " + ", ".join(f"{n} {s}" for s, n in counts.items()), flush=True)

@@ -57,6 +57,8 @@ def plan_steps(config: ml_collections.ConfigDict, cost: StepCost, train_size: in
     Paper protocol: each step consumes ``ξ·B`` sample-equivalents and training stops before the
     total exceeds ``budget.base_epochs`` epochs of Base (``base_epochs · train_size``), so
     ``steps = floor(base_epochs · train_size / (ξ·B))``: ξ = 0.1 buys 10× the steps of Base.
+    ``budget.max_epochs`` caps the steps at that many passes over the training data (each of
+    ``train_size // B`` full batches), ``budget.max_steps`` at a step count.
     """
     budget = config.budget
     per_epoch = max(1, math.floor(train_size / cost.samples_equivalent))
@@ -68,6 +70,8 @@ def plan_steps(config: ml_collections.ConfigDict, cost: StepCost, train_size: in
         if budget.base_epochs <= 0:
             raise ValueError("Set budget.base_epochs, budget.bytes or budget.steps above 0.")
         total = math.floor(budget.base_epochs * train_size / cost.samples_equivalent)
+    if budget.max_epochs > 0:
+        total = min(total, math.floor(budget.max_epochs * (train_size // config.batch_size)))
     if budget.max_steps > 0:
         total = min(total, int(budget.max_steps))
     if total < 1:

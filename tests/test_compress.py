@@ -152,6 +152,18 @@ def test_plan_fifth_example():
     assert (plan.num_clusters, plan.num_tokens) == (80, 31)
 
 
+@pytest.mark.parametrize(
+    "xi, sizes",
+    # √ξ·128 and ξ^(1/4)·197, floored: the release code's sizes, which send ξ^(3/4), not ξ.
+    [(0.01, (12, 62)), (0.05, (28, 93)), (0.1, (40, 110)), (0.5, (90, 165))],
+)
+def test_plan_release_sizes_send_three_quarters_power(xi, sizes):
+    plan = compression_plan(128, 197, xi, split="release")
+    assert (plan.num_clusters, plan.num_tokens) == sizes
+    assert plan.xi == pytest.approx(xi**0.75, rel=0.07)  # floors of the two counts
+    assert plan.xi > xi
+
+
 def test_plan_full_ratio_is_identity():
     plan = compression_plan(16, 10, 1.0)
     assert (plan.num_clusters, plan.num_tokens, plan.xi) == (16, 10, 1.0)

@@ -7,8 +7,9 @@ import os
 
 import pytest
 
-from adc_jax import plots, sweep
-from adc_jax.methods import CutShape
+from adc_jax import paper, plots, sweep
+from adc_jax.defaults import load_config
+from adc_jax.methods import C3SL, CutShape, Unreachable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_CONFIG = os.path.join(ROOT, "configs", "vit_fashion_mnist.py")
@@ -24,7 +25,8 @@ CUT = CutShape(batch_size=128, seq_len=50, width=64, num_classes=10)
     [(0.5, 128, 2), (0.25, 128, 4), (0.1, 128, 8), (0.3, 128, 4), (0.01, 128, 128), (0.1, 100, 10)],
 )
 def test_c3sl_ratio_is_the_divisor_closest_to_one_over_xi(xi, batch, ratio):
-    assert sweep.c3sl_ratio(xi, batch) == ratio
+    cut = CutShape(batch_size=batch, seq_len=50, width=64, num_classes=10)
+    assert C3SL.knobs_for_xi(xi, cut) == {"ratio": ratio}
     assert batch % ratio == 0
 
 
@@ -33,7 +35,7 @@ def test_c3sl_ratio_is_the_divisor_closest_to_one_over_xi(xi, batch, ratio):
 def test_topk_rate_hits_the_paper_xi_exactly(method, xi):
     knobs = sweep.method_knobs(method, xi, CUT)
     assert knobs["rate"] == pytest.approx(xi / (1 + 19 / 64))
-    assert sweep._paper_xi(method, knobs, CUT) == pytest.approx(xi)
+    assert sweep.paper_xi(method, knobs, CUT) == pytest.approx(xi)
 
 
 @pytest.mark.parametrize("xi,bits", [(0.1, 3), (0.25, 8), (0.5, 16), (0.01, 1), (1.0, 16)])
@@ -46,16 +48,16 @@ def test_knobs_and_the_paper_xi_they_achieve():
     assert sweep.method_knobs("base", 0.1, CUT) == {}
     assert sweep.method_knobs("bottlenet", 0.1, CUT) == {"compression": 0.1}
     # D′ = round(0.1·64) = 6: BottleNet++ reaches 6/64, C3-SL 1/8 (R must divide B).
-    assert sweep._paper_xi("bottlenet", {"compression": 0.1}, CUT) == pytest.approx(6 / 64)
-    assert sweep._paper_xi("c3sl", sweep.method_knobs("c3sl", 0.1, CUT), CUT) == 0.125
-    assert sweep._paper_xi("quantize", {"bits": 3}, CUT) == pytest.approx(3 / 32)
+    assert sweep.paper_xi("bottlenet", {"compression": 0.1}, CUT) == pytest.approx(6 / 64)
+    assert sweep.paper_xi("c3sl", sweep.method_knobs("c3sl", 0.1, CUT), CUT) == 0.125
+    assert sweep.paper_xi("quantize", {"bits": 3}, CUT) == pytest.approx(3 / 32)
 
 
 def test_fedlite_only_above_one_half():
     knobs = sweep.method_knobs("fedlite", 0.5, CUT)
     assert 16 <= knobs["num_centroids"] <= 256 and 8 <= 50 * 64 // knobs["num_subvectors"] <= 64
-    assert sweep._paper_xi("fedlite", knobs, CUT) == pytest.approx(0.5, abs=0.01)
-    with pytest.raises(sweep.Unreachable, match="dense gradient"):
+    assert sweep.paper_xi("fedlite", knobs, CUT) == pytest.approx(0.5, abs=0.01)
+    with pytest.raises(Unreachable, match="dense gradient"):
         sweep.method_knobs("fedlite", 0.25, CUT)
 
 
@@ -67,7 +69,7 @@ def test_bad_targets_fail_clearly():
 
 
 def test_grid_order_names_and_left_out_cells():
-    config = sweep.load_config(FASHION_CONFIG)
+    config = load_config(FASHION_CONFIG)
     runs, skipped = sweep.plan_grid(
         config, ["base", "topk", "adc", "fedlite"], [0.1, 0.5], seeds=[0, 1]
     )
@@ -90,19 +92,31 @@ def test_grid_order_names_and_left_out_cells():
     assert config.method.name == "adc"  # the base config is left as it was
 
 
-def test_overrides_convert_types_and_reject_unknown_keys():
-    config = sweep.load_config(FASHION_CONFIG)
-    sweep.apply_overrides(
-        config, ["budget.base_epochs=1", "batch_size=64", "progress=false", "model.name=x"]
-    )
-    assert config.budget.base_epochs == 1.0 and isinstance(config.budget.base_epochs, float)
-    assert config.batch_size == 64 and config.progress is False and config.model.name == "x"
-    with pytest.raises(KeyError, match="budget.epochs"):
-        sweep.apply_overrides(config, ["budget.epochs=1"])
+def test_paper_preset_runs_the_authors_grids():
+    config = load_config(os.path.join(ROOT, "configs", "deit_t_cifar100.py"))
+    runs, skipped = sweep.plan_preset(config, "paper", seeds=[0])
+    by_method = {}
+    for run in runs:
+        by_method.setdefault(run.method, []).append(dict(run.knobs))
+    assert by_method["base"] == [{}]
+    assert [k["ratio"] for k in by_method["c3sl"]] == [2, 4, 8, 16, 32]  # not solved from ξ
+    assert [k["bits"] for k in by_method["quantize"]] == [15, 12, 9, 6, 5, 3, 1]
+    for method in ("adc", "topk", "randtopk", "bottlenet"):
+        field, values = paper.GRIDS[method]
+        assert sorted(k[field] for k in by_method[method]) == list(values)
+    assert "fedlite" not in by_method and not skipped
+    # Named by the knob, plotted at the ξ the knob achieves (Top-K's r = 0.1: ξ = 0.136).
+    topk = next(r for r in runs if r.name == "topk-rate0.1-s0")
+    assert topk.xi_target == topk.xi_paper == pytest.approx(0.136, abs=5e-4)
+    assert [r.name for r in runs][:3] == ["base-xi1-s0", "adc-xi0.5-s0", "adc-xi0.4-s0"]
+    _, skipped = sweep.plan_preset(config, "paper", seeds=[0], methods=["adc", "fedlite"])
+    assert [(c.method, "no fedlite grid" in c.reason) for c in skipped] == [("fedlite", True)]
+    with pytest.raises(ValueError, match="Unknown preset"):
+        sweep.plan_preset(config, "papers", seeds=[0])
 
 
 def test_evaluations_spread_over_the_budget():
-    config = sweep.load_config(FASHION_CONFIG)
+    config = load_config(FASHION_CONFIG)
     config.budget.base_epochs = 1.0
     config.method.xi = 0.1  # 4687 steps (60 000 / 12.8)
     assert sweep.with_evals(config, 10).eval_every_steps == 469
@@ -152,7 +166,7 @@ def test_lock_is_exclusive_but_a_dead_owner_is_taken_over(tmp_path):
 @pytest.fixture
 def tiny_args(fashion_dir):
     """CLI overrides: the tiny test ViT on real Fashion-MNIST, 3 steps, evaluated at 2 and 3."""
-    sets = {
+    overrides = {
         "model.name": "vit_test_patch4_16",
         "dataset.data_dir": str(fashion_dir),
         "batch_size": 16,
@@ -164,9 +178,7 @@ def tiny_args(fashion_dir):
         "progress": False,
     }
     args = ["--config", FASHION_CONFIG, "--methods", "base,adc", "--xi", "0.25", "--seeds", "0"]
-    for key, value in sets.items():
-        args += ["--set", f"{key}={value}"]
-    return args
+    return args + [f"--config.{key}={value}" for key, value in overrides.items()]
 
 
 def read_csv(path):
@@ -176,7 +188,7 @@ def read_csv(path):
 
 def test_tiny_grid_runs_skips_resumes_and_plots(tiny_args, tmp_path, capsys, monkeypatch):
     root = str(tmp_path / "sweep")
-    assert sweep.main(["run", *tiny_args, "--root", root, "--dry-run"]) == 0
+    assert sweep.main(["run", *tiny_args, "--root", root, "--dry_run"]) == 0
     assert "base-xi1-s0" in capsys.readouterr().out and not os.path.exists(root)
 
     assert sweep.main(["run", *tiny_args, "--root", root]) == 0
@@ -287,15 +299,27 @@ def test_plots_average_seeds_and_draw_the_paper_reference(tmp_path):
 
 
 def test_paper_reference_only_for_the_papers_settings():
-    assert plots.paper_reference("deit_small_patch16_224", "food101")["adc"][0.1] == 0.787
-    assert plots.paper_reference("deit_tiny_patch16_224", "cifar100")["baselines"]["c3sl"] == (
+    assert paper.reference("deit_small_patch16_224", "food101")["adc"][0.1] == 0.787
+    assert paper.reference("deit_tiny_patch16_224", "cifar100")["baselines"]["c3sl"] == (
         0.125,
         0.589,
     )
-    assert plots.paper_reference("vit_mini_patch4_28", "fashion_mnist") is None
+    assert paper.reference("vit_mini_patch4_28", "fashion_mnist") is None
 
 
 def test_xi_ticks_do_not_overlap():
     # BottleNet++ and quantisation land at ξ 0.0938 beside ADC's 0.1: one tick, the round one.
     assert plots._readable_ticks([0.5, 0.1, 0.0938, 0.125, 0.25, 0.1]) == [0.1, 0.125, 0.25, 0.5]
     assert plots._readable_ticks([0.01, 0.1, 1.0]) == [0.01, 0.1, 1.0]
+
+
+def test_command_line_takes_train_py_config_flags_and_refuses_bad_ones(capsys):
+    args = ["run", "--config", FASHION_CONFIG, "--root", "unused", "--dry_run", "--xi", "0.5"]
+    assert sweep.main([*args, "--config.batch_size=64", "--methods", "c3sl"]) == 0
+    assert "c3sl-xi0.5-s0" in capsys.readouterr().out
+    assert sweep.main([*args, "--config.budget.epochs=1"]) == 2
+    assert 'Did you mean "max_epochs"' in capsys.readouterr().err
+    assert sweep.main(["run", "--root", "unused"]) == 2
+    assert "run needs --config" in capsys.readouterr().err
+    assert sweep.main(["run", "--config", "configs/missing.py", "--root", "unused"]) == 2
+    assert "missing.py" in capsys.readouterr().err

@@ -7,7 +7,15 @@ import dataclasses
 from adc_jax.methods.adc import ADC
 from adc_jax.methods.bottlenet import BottleNet
 from adc_jax.methods.c3sl import C3SL
-from adc_jax.methods.core import CutShape, Method, Payload, StepCost, payload_shapes, step_cost
+from adc_jax.methods.core import (
+    CutShape,
+    Method,
+    Payload,
+    StepCost,
+    Unreachable,
+    payload_shapes,
+    step_cost,
+)
 from adc_jax.methods.fedlite import FedLite
 from adc_jax.methods.quantize import Quantize
 from adc_jax.methods.topk import RandTopK, TopK
@@ -58,6 +66,7 @@ __all__ = [
     "RandTopK",
     "StepCost",
     "TopK",
+    "Unreachable",
     "make_method",
     "method_from_config",
     "payload_shapes",

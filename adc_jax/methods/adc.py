@@ -22,8 +22,10 @@ class ADC(Method):
     """Merge similar samples (K-means on CLS attention) and keep the most attended tokens.
 
     Sizes come from ``xi`` with ``split`` (``"sqrt"``: ``T/B = k/N = √ξ``; ``"fifth"``:
-    ``T/B = ξ^(1/5)``, ``k/N = ξ^(4/5)``), or from explicit ratios, or explicit counts; see
-    :func:`adc_jax.compression_plan`.
+    ``T/B = ξ^(1/5)``, ``k/N = ξ^(4/5)``; ``"release"``: ``T/B = √ξ``, ``k/N = ξ^(1/4)``, which
+    sends ``ξ^(3/4)``), or from explicit ratios, or explicit counts; see
+    :func:`adc_jax.compression_plan`. With ``xi`` given, the budget counts the nominal ``ξ``
+    whatever the split (as the authors' code does); the exact bytes show what was sent.
     """
 
     name: ClassVar[str] = "adc"
@@ -121,6 +123,11 @@ class ADC(Method):
         # Otherwise every device serves all T (identical work); the protocol's 1/n loss scale
         # keeps the summed gradients equal to one device's.
         return Payload(merged, soft_labels, {})
+
+    @classmethod
+    def knobs_for_xi(cls, xi, cut):
+        del cut
+        return {"xi": float(xi)}
 
     def xi_paper(self, cut: CutShape) -> float:
         # The reference budgets ADC at its nominal ξ when one is given.

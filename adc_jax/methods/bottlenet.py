@@ -7,6 +7,10 @@ and the hidden width ``h = round((D + D′)/2)`` lies midway (both rounded half 
 
 The reference decoder ends with a ReLU, which forces the server's residual stream to be
 non-negative; ``relu_output=True`` reproduces it (paper-faithful), the default ends linear.
+``weight_init="torch"`` draws weights and biases as PyTorch's ``nn.Linear`` does (uniform in
+``±1/√fan_in``), as the reference; the default ``"flax"`` uses LeCun-normal weights and zero
+biases. (The reference floors the hidden width, ``⌊(D + D′)/2⌋``; rounding half up differs by one
+unit when ``D + D′`` is odd, e.g. 106 instead of 105 at ``D = 192``, ``c = 0.1``.)
 The autoencoder is part of the model, so it stays on at evaluation (``active_at_eval``).
 """
 
@@ -27,17 +31,36 @@ def _round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
+INITS = ("flax", "torch")
+
+
+def _torch_uniform(fan_in: int):
+    """PyTorch ``nn.Linear``'s default for weights and biases: ``U(±1/√fan_in)``."""
+    bound = fan_in**-0.5
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+        key, shape, dtype, -bound, bound
+    )
+
+
+def _dense(features: int, fan_in: int, init: str, name: str) -> nn.Dense:
+    if init == "torch":
+        uniform = _torch_uniform(fan_in)
+        return nn.Dense(features, kernel_init=uniform, bias_init=uniform, name=name)
+    return nn.Dense(features, name=name)
+
+
 class TokenMLP(nn.Module):
     """``Dense(hidden) → ReLU → Dense(features)`` on the last axis, then ReLU if asked."""
 
     hidden: int
     features: int
     relu_output: bool = False
+    weight_init: str = "flax"  # flax (LeCun normal, zero bias) | torch (nn.Linear's uniform)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nn.relu(nn.Dense(self.hidden, name="fc1")(x))
-        x = nn.Dense(self.features, name="fc2")(x)
+        x = nn.relu(_dense(self.hidden, x.shape[-1], self.weight_init, "fc1")(x))
+        x = _dense(self.features, self.hidden, self.weight_init, "fc2")(x)
         return nn.relu(x) if self.relu_output else x
 
 
@@ -54,6 +77,7 @@ class BottleNet(Method):
 
     compression: float = 0.25  # c = D′/D
     relu_output: bool = False  # True: the reference's final ReLU on the decoder
+    weight_init: str = "flax"  # flax | torch (the reference's PyTorch nn.Linear initialisation)
 
     def widths(self, width: int) -> tuple[int, int]:
         """``(h, D′)`` for a token width ``D``."""
@@ -62,17 +86,22 @@ class BottleNet(Method):
 
     def encoder(self, width: int) -> TokenMLP:
         hidden, code = self.widths(width)
-        return TokenMLP(hidden, code)
+        return TokenMLP(hidden, code, weight_init=self.weight_init)
 
     def decoder(self, width: int) -> TokenMLP:
         hidden, _ = self.widths(width)
-        return TokenMLP(hidden, width, self.relu_output)
+        return TokenMLP(hidden, width, self.relu_output, self.weight_init)
 
     def validate(self, cut: CutShape) -> None:
         if not 0 < self.compression <= 1:
             raise ValueError(
                 f"BottleNet++'s compression c ({self.compression}) must be in (0, 1]: "
                 "the code width D′ = round(c·D) is at most the token width D."
+            )
+        if self.weight_init not in INITS:
+            raise ValueError(
+                f"Unknown BottleNet++ weight_init {self.weight_init!r} (method.weight_init); "
+                f"expected one of {INITS}."
             )
 
     def init(self, key, cut):
@@ -100,6 +129,12 @@ class BottleNet(Method):
 
     def xi_paper(self, cut: CutShape) -> float:
         return self.widths(cut.width)[1] / cut.width
+
+    @classmethod
+    def knobs_for_xi(cls, xi, cut):
+        """``c = ξ`` (the achieved ξ is ``round(ξ·D)/D``)."""
+        del cut
+        return {"compression": float(xi)}
 
 
 __all__ = ["BottleNet", "TokenMLP"]

@@ -136,5 +136,11 @@ class C3SL(Method):
         del cut
         return 1.0 / self.ratio
 
+    @classmethod
+    def knobs_for_xi(cls, xi, cut):
+        """The divisor ``R`` of the batch size closest to ``1/ξ`` (ties: the smaller ``R``)."""
+        divisors = [r for r in range(1, cut.batch_size + 1) if cut.batch_size % r == 0]
+        return {"ratio": min(divisors, key=lambda r: (abs(r - 1.0 / xi), r))}
+
 
 __all__ = ["C3SL", "circular_conv", "circular_corr", "make_keys"]

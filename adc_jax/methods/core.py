@@ -33,6 +33,10 @@ import jax.numpy as jnp
 from adc_jax.link import Channel, nbytes
 
 
+class Unreachable(ValueError):
+    """A method cannot reach a target ξ with any setting of its knob."""
+
+
 class Payload(NamedTuple):
     """What the client sends the server in one step (a pytree of arrays)."""
 
@@ -138,9 +142,20 @@ class Method:
     # ---- Accounting ------------------------------------------------------------------------
 
     def xi_paper(self, cut: CutShape) -> float:
-        """The paper-compatible compression ratio ξ (ADC_SPEC §3, §5)."""
+        """The paper-compatible compression ratio ξ (see ``docs/method.md``)."""
         del cut
         return 1.0
+
+    @classmethod
+    def knobs_for_xi(cls, xi: float, cut: CutShape) -> dict[str, Any]:
+        """The inverse of :meth:`xi_paper`: the ``config.method`` fields that bring this
+        method's paper ξ closest to ``xi`` on ``cut``.
+
+        Base sends everything whatever the target: ``{}``. Raises :class:`Unreachable` when no
+        setting of the knob gets near ``xi``.
+        """
+        del xi, cut
+        return {}
 
     def uplink_bytes(self, payload: Payload, channel: Channel) -> dict[str, int]:
         """Bytes sent client → server per step, by part. ``payload`` may hold ShapeDtypeStructs."""

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from adc_jax.kmeans import kmeans
 from adc_jax.link import Channel, nbytes
 from adc_jax.methods.adc import axis_size
-from adc_jax.methods.core import CutShape, Method, Payload, label_dtype
+from adc_jax.methods.core import CutShape, Method, Payload, Unreachable, label_dtype
 
 
 def reconstruct(codebook: jax.Array, codes: jax.Array, seq_len: int, width: int) -> jax.Array:
@@ -152,6 +152,37 @@ class FedLite(Method):
             32 * cut.batch_size * size
         )
         return 0.5 * (up + 1.0)
+
+    @classmethod
+    def knobs_for_xi(cls, xi, cut):
+        """The ``(q, L)`` (one group) whose paper ξ is closest to ``xi``.
+
+        ``ξ = ½(ξ_up + 1)``: the downlink is the dense gradient, so only targets ≥ 0.5 are
+        reachable. Candidates stay in the range FedLite was designed for, so that a target near
+        0.5 does not pick a degenerate 2-centroid codebook: sub-vectors of 8 to D values (``q``
+        dividing ``N·D``) and ``L`` a power of two from 16 to 256 (4- to 8-bit codes); ties go
+        to the smaller codebook.
+        """
+        if xi < 0.5:
+            raise Unreachable(f"FedLite sends the dense gradient back, so its ξ ≥ 0.5; got {xi}.")
+        size = cut.seq_len * cut.width
+        best = None
+        for q in range(1, size + 1):
+            if size % q or not 8 <= size // q <= cut.width:
+                continue
+            for L in (16, 32, 64, 128, 256):
+                if L > cut.batch_size * q:
+                    break
+                knobs = {"num_subvectors": q, "num_centroids": L, "num_groups": 1}
+                rank = (abs(cls(**knobs).xi_paper(cut) - xi), L * size // q, q)
+                if best is None or rank < best[0]:
+                    best = (rank, knobs)
+        if best is None or best[0][0] > 0.1 * xi:
+            raise Unreachable(
+                f"FedLite cannot get within 10% of ξ = {xi} with 4- to 8-bit codes on sub-vectors "
+                f"of 8..D values (N·D = {size})."
+            )
+        return best[1]
 
 
 __all__ = ["FedLite", "corrected", "reconstruct"]

@@ -84,5 +84,11 @@ class Quantize(Method):
         del cut
         return self.bits / 32
 
+    @classmethod
+    def knobs_for_xi(cls, xi, cut):
+        """``round(32ξ)`` bits (half up), clipped to the 1..16 the method accepts."""
+        del cut
+        return {"bits": min(16, max(1, math.floor(32 * xi + 0.5)))}
+
 
 __all__ = ["Quantize", "quantize_both_ways"]

@@ -25,7 +25,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from adc_jax.methods.core import CutShape, Method, Payload, label_dtype
+from adc_jax.methods.core import CutShape, Method, Payload, Unreachable, label_dtype
 
 
 @jax.tree_util.register_static
@@ -96,8 +96,21 @@ class TopK(Method):
         return dense.reshape(-1, state.seq_len, state.width)
 
     def xi_paper(self, cut: CutShape) -> float:
-        index_bits = math.ceil(math.log2(cut.batch_size * cut.seq_len * cut.width))
-        return 0.5 * (self.rate * (1 + index_bits / 32) + self.rate)
+        return 0.5 * (self.rate * (1 + _index_bits(cut) / 32) + self.rate)
+
+    @classmethod
+    def knobs_for_xi(cls, xi, cut):
+        """``r`` solving ``ξ = ½[r(1 + ⌈log₂(B·N·D)⌉/32) + r]``."""
+        index_bits = _index_bits(cut)
+        rate = 2.0 * xi / (2.0 + index_bits / 32)
+        if rate > 1.0:
+            raise Unreachable(f"Top-K tops out at ξ = {1 + index_bits / 64:.3f} (r = 1); got {xi}.")
+        return {"rate": rate}
+
+
+def _index_bits(cut: CutShape) -> int:
+    """Bits of one flat index into the batch, ``⌈log₂(B·N·D)⌉``, as the paper counts them."""
+    return math.ceil(math.log2(cut.batch_size * cut.seq_len * cut.width))
 
 
 @dataclasses.dataclass(frozen=True)
