@@ -48,7 +48,6 @@ from typing import Any
 import ml_collections
 
 from adc_jax import paper
-from adc_jax.defaults import load_config  # noqa: F401 -- the notebook loads configs here
 from adc_jax.methods import METHODS, CutShape, Unreachable, method_from_config
 
 BASE_XI = 1.0

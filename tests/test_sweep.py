@@ -126,7 +126,7 @@ def test_evaluations_spread_over_the_budget():
 
 
 def test_a_failed_run_says_why_and_the_sweep_goes_on(tmp_path):
-    config = sweep.load_config(FASHION_CONFIG)
+    config = load_config(FASHION_CONFIG)
     runs, _ = sweep.plan_grid(config, ["base", "adc"], [0.5], seeds=[0])
     lines, trained = [], []
 
