@@ -12,7 +12,7 @@ the datasets cannot be downloaded everywhere:
   ``ArraySource``, as ``open_split("cifar100")`` gives).
 * ``food101``: a ``food-101.tar.gz`` generated in the official layout with ``--images``
   photo-like JPEGs (a smooth colour field plus texture, 341–512 px a side, quality 85, like the
-  originals), prepared by the real builder (:class:`adc_jax.datasets.builders.AdcFood101`:
+  originals), prepared by the real builder (:class:`adc_jax.data.builders.AdcFood101`:
   resized to 224×224, stored as JPEG), then read as a ``RecordSource`` that decodes every image.
   Preparation throughput and the stored bytes per image are reported too, and so are the bytes
   and one-core decode time per image of the original JPEG (decoded and resized at every step, as
@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 from adc_jax import data  # noqa: E402
-from adc_jax.datasets.builders import FOOD101_CLASSES  # noqa: E402
+from adc_jax.data.builders import FOOD101_CLASSES  # noqa: E402
 
 
 def parse_args(argv):
@@ -168,7 +168,7 @@ def formats(args, env, count: int = 64) -> list[dict[str, Any]]:
     """
     from PIL import Image
 
-    from adc_jax.datasets.builders import resize_to_jpeg
+    from adc_jax.data.builders import resize_to_jpeg
 
     rng = np.random.default_rng(1)
     originals = []

@@ -16,8 +16,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from adc_jax import data
-from adc_jax.datasets import read_idx
-from adc_jax.datasets.builders import FOOD101_CLASSES, FOOD101_URL
+from adc_jax.data import cli
+from adc_jax.data.builders import FOOD101_CLASSES, FOOD101_URL, read_idx
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 needs_fashion = pytest.mark.skipif(
@@ -204,10 +204,10 @@ def test_command_line(cifar100, tmp_path, capsys):
     data_dir, _, out = cifar100
     tarball = tmp_path / "cifar-100-python.tar.gz"
     write_cifar_tarball(tarball, 100, n_train=2, n_test=1)
-    assert data.main(["prepare", "cifar100", "--data_dir", str(data_dir)]) == 0  # no-op
+    assert cli.main(["prepare", "cifar100", "--data_dir", str(data_dir)]) == 0  # no-op
     assert capsys.readouterr().out.strip() == out
     with pytest.raises(SystemExit):
-        data.main(["prepare", "cifar100", "--idx_dir", "/x"])
+        cli.main(["prepare", "cifar100", "--idx_dir", "/x"])
     # The module entry point, in a fresh process.
     result = subprocess.run(
         [sys.executable, "-m", "adc_jax.data", "list", "--data_dir", str(data_dir)],
@@ -321,7 +321,7 @@ def test_food101_prepares_from_the_archive_without_tensorflow(tmp_path, without_
     archive = tmp_path / "food-101.tar.gz"
     expected = write_food101_archive(archive, FOOD_COUNTS)
     assert (
-        data.main(
+        cli.main(
             ["prepare", "food101", "--archive", str(archive), "--data_dir", str(tmp_path / "tfds")]
         )
         == 0
@@ -542,3 +542,36 @@ def test_eval_batches_cover_every_example_once(process_count):
             assert not b["image"][~b["mask"]].any()  # padding is zeros
             seen.extend(b["label"][b["mask"]].tolist())
     assert sorted(seen) == list(range(103))
+
+
+def test_class_subset_keeps_and_relabels_the_chosen_classes():
+    labels = np.arange(40, dtype=np.int32) % 10
+    images = np.arange(40, dtype=np.uint8).reshape(40, 1, 1, 1).repeat(2, axis=1)
+    source = data.ArraySource(images, labels)
+    subset = data.ClassSubset(source, data.parse_classes("7,5-6"), num_classes=10)
+    assert len(subset) == 12 and subset.image_shape == source.image_shape
+    batch = subset.get_batch(np.arange(12))
+    original = batch["image"][:, 0, 0, 0] % 10  # the image holds its row number
+    assert set(original.tolist()) == {5, 6, 7}
+    np.testing.assert_array_equal(
+        batch["label"], np.select([original == 7, original == 5], [0, 1], 2)
+    )
+
+    class Records:  # a source without a labels array: the rows are found by reading it
+        image_shape, worker_count = source.image_shape, 0
+
+        def __len__(self):
+            return len(source)
+
+        def get_batch(self, indices):
+            return source.get_batch(indices)
+
+    read = data.ClassSubset(Records(), (7, 5, 6), num_classes=10)
+    np.testing.assert_array_equal(read.rows, subset.rows)
+    assert data.parse_classes("") == () and data.parse_classes(" 0-2, 9") == (0, 1, 2, 9)
+    with pytest.raises(ValueError, match="twice"):
+        data.parse_classes("1-3,2")
+    with pytest.raises(ValueError, match="like '5-9'"):
+        data.parse_classes("five")
+    with pytest.raises(ValueError, match=r"ids in 0\.\.9"):
+        data.ClassSubset(source, (9, 10), num_classes=10)
