@@ -48,10 +48,8 @@ Records (every one carries the device, versions, XLA flags and the 1-minute load
 ``--dtype bfloat16`` (compute dtype of the model) and ``--no-donate`` (no buffer donation) are
 there so that accelerator choices are visible in the same script; on a CPU neither helps. Records
 carry them, and the tables keep each combination (the *variant*) apart; step/Base compares within
-a variant, and the targets read the default one (float32, donated). ``--no-cpu-kernels`` turns off
-:mod:`adc_jax.cpu_kernels` (the weight gradients, attention and LayerNorm on a CPU;
-records name its state in ``cpu_kernels``); the grid runs Base that way too, beside the default.
-``benchmarks/gpu.sh`` runs the set for a GPU.
+a variant, and the targets read the default one (float32, donated). ``benchmarks/gpu.sh`` runs
+the set for a GPU.
 
 Environment: unless ``--xla-default``, the XLA CPU flags of ``common.TUNED_CPU_XLA_FLAGS`` are
 added to ``XLA_FLAGS``; the grid also runs every process (PyTorch's too) with tcmalloc preloaded
@@ -91,7 +89,7 @@ from common import (  # noqa: E402
     timed_interleaved,
 )
 
-from adc_jax import augment, cpu_kernels, split, vit  # noqa: E402
+from adc_jax import augment, split, vit  # noqa: E402
 from adc_jax.kmeans import kmeans  # noqa: E402
 from adc_jax.methods import ADC, Base, CutShape  # noqa: E402
 
@@ -123,11 +121,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         dest="xla_tuned",
         action="store_false",
         help="JAX's default XLA flags (else common.TUNED_CPU_XLA_FLAGS are added to XLA_FLAGS)",
-    )
-    p.add_argument(
-        "--no-cpu-kernels",
-        action="store_true",
-        help="XLA's operations only (ADC_JAX_CPU_KERNELS=0: no adc_jax.cpu_kernels on a CPU)",
     )
     p.add_argument("--input", action="store_true", help="time the input path only")
     p.add_argument(
@@ -187,7 +180,6 @@ def _config(args) -> dict[str, Any]:
         "dtype": args.dtype,
         "donate": args.donate,
         "select_in_client": args.select,
-        "cpu_kernels": cpu_kernels.status(),
     }
 
 
@@ -542,10 +534,6 @@ def run_grid(args) -> list[dict[str, Any]]:
         commands += [torch(b)] if args.torch_python else []
         commands += adc.values()
     commands += [ours("--batch", str(b), "--input") for b in args.batches]
-    # Base with XLA's products only, beside the default (adc_jax.cpu_kernels's kernel on a CPU).
-    commands += [
-        ours("--batch", str(b), "--method", "base", "--no-cpu-kernels") for b in args.batches
-    ]
     if 64 in args.batches and 0.1 in args.xis:  # the target's ratio, also measured paired
         commands.append(ours("--batch", "64", "--method", "adc", "--xi", "0.1", "--paired-base"))
     if args.torch_python and args.torch_device == "cpu":  # ours against PyTorch's, alternated
@@ -566,7 +554,6 @@ def run_grid(args) -> list[dict[str, Any]]:
 
 
 DEFAULT_VARIANT = "float32"
-XLA_ONLY = f"off: {cpu_kernels.ENV_VAR}=0"
 
 
 def variant(record) -> str:
@@ -575,7 +562,6 @@ def variant(record) -> str:
     words = [record.get("dtype", "float32")]
     words += [] if record.get("donate", True) else ["no donation"]
     words += [] if record.get("select_in_client", True) else ["no select"]
-    words += ["XLA only"] if record.get("cpu_kernels", "").startswith(XLA_ONLY) else []
     return ", ".join(words)
 
 
@@ -762,8 +748,6 @@ def main(argv=None) -> list[dict[str, Any]]:
     if args.summarize:
         return report(args.summarize)
     configure_xla(args.xla_tuned)
-    if args.no_cpu_kernels:
-        os.environ[cpu_kernels.ENV_VAR] = "0"
     if args.grid:
         return run_grid(args)
     if args.input:

@@ -6,8 +6,6 @@ import pathlib
 
 import pytest
 
-from adc_jax import cpu_kernels
-
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 PHASES = {"client_forward", "compress", "server_step", "client_backward", "step", "fused_step"}
 
@@ -38,7 +36,6 @@ def test_step_benchmark_prints_one_record_per_phase(step, capsys):
         assert r["method"] == "adc" and r["xi"] == 0.5
         assert r["median_s"] > 0 and r["device"].startswith("cpu") and r["jax"]
         assert (r["num_clusters"], r["num_tokens"]) == (5, 12)  # B = 8, N = 17, ξ = 0.5
-        assert r["cpu_kernels"] == cpu_kernels.status()
     (check,) = [r for r in records if r["record"] == "check"]
     assert set(check["compilations"].values()) == {1}  # no recompilation after the first step
     (memory,) = [r for r in records if r["record"] == "memory"]
@@ -47,14 +44,10 @@ def test_step_benchmark_prints_one_record_per_phase(step, capsys):
     assert ratio["split_over_fused"] > 0 and ratio["compress_over_step"] > 0
 
 
-def test_paired_base_alternates_adc_and_base_in_one_process(step, monkeypatch):
+def test_paired_base_alternates_adc_and_base_in_one_process(step):
     argv = "--model vit_test_patch4_16 --split-index 2 --num-classes 10 --batch 8 --xi 0.5"
-    monkeypatch.setenv(cpu_kernels.ENV_VAR, "1")  # --no-cpu-kernels sets it to 0; restored after
-    records = step.main(
-        [*argv.split(), "--steps", "2", "--xla-default", "--paired-base", "--no-cpu-kernels"]
-    )
-    assert all(r["cpu_kernels"] == f"off: {cpu_kernels.ENV_VAR}=0" for r in records)
-    assert step.variant(records[0]) == "float32, XLA only"
+    records = step.main([*argv.split(), "--steps", "2", "--xla-default", "--paired-base"])
+    assert step.variant(records[0]) == "float32"
     times = {r["phase"]: r for r in records if r["record"] == "paired"}
     assert set(times) == {"adc_step", "adc_fused_step", "base_step", "base_fused_step"}
     assert all(len(r["times_s"]) == 2 and r["method"] == "adc" for r in times.values())
@@ -132,14 +125,12 @@ def test_grid_summary_and_targets(step):
     assert "| 0.250 | 256 | 2.50 |" in table  # step/Base, images/s, peak GB of float32 ADC
     assert "| 64 | 0.1 | float32 | 0.310 | 0.290 |" in table
     assert "| 64 | float32 | 0.970 | 1.010 |" in table
-    # Where the kernel is off for want of a CPU (a GPU's records), the variant is the default.
-    assert step.variant({"cpu_kernels": "off: backend gpu"}) == step.DEFAULT_VARIANT
 
 
 def test_grid_runs_divided_configurations_back_to_back(step, monkeypatch):
     """Per batch: ADC at ξ = 0.1, Base, PyTorch, then the other ξ (a shared CPU drifts over
-    minutes, and these are the times the targets divide); then the input path, XLA only and the
-    paired runs."""
+    minutes, and these are the times the targets divide); then the input path and the paired
+    runs."""
     calls = []
 
     def run(command, **_):
@@ -209,25 +200,6 @@ def test_allocator_env(monkeypatch, tmp_path):
         common.allocator_env("tcmalloc", {})
     with pytest.raises(ValueError, match="Unknown allocator"):
         common.allocator_env("jemalloc", {})
-
-
-def test_matmul_benchmark_times_each_product_of_a_block(capsys):
-    matmul = load("matmul")
-    argv = ["--rows", "64", "--width", "8", "--mlp-dim", "16", "--steps", "1"]
-    records = matmul.main(argv)
-    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == records
-    roles = {"forward", "input_grad", "weight_grad", "weight_grad_nn"}
-    if cpu_kernels.status().startswith("openblas"):  # the model's weight gradient on a CPU
-        roles.add("weight_grad_openblas")
-    expected = {(layer, role) for layer in matmul.LAYERS for role in roles}
-    assert {(r["layer"], r["role"]) for r in records} == expected
-    fc2 = {r["role"]: r for r in records if r["layer"] == "fc2"}
-    assert (fc2["weight_grad"]["in"], fc2["weight_grad"]["out"]) == (16, 8)
-    assert all(r["median_s"] > 0 and r["framework"] == "jax" for r in records)
-    # The table puts PyTorch beside JAX (here: a fake PyTorch record) and sums a block's products.
-    fake = {**fc2["forward"], "framework": "torch", "median_s": 0.002}
-    table = matmul.table([*records, fake])
-    assert "| forward |" in table and "/ 2.0 |" in table and "| weight_grad_nn |" in table
 
 
 def test_profile_pairs_async_ends_and_names_instructions(capsys):
