@@ -51,6 +51,11 @@ class CutShape:
     num_classes: int  # C
 
 
+def axis_size(axis_name: str | None) -> int:
+    """Number of devices along ``axis_name`` (1 without one); a Python int under pmap."""
+    return 1 if axis_name is None else jax.lax.psum(1, axis_name)
+
+
 def label_dtype(num_classes: int):
     """The smallest unsigned integer type that holds a class index."""
     return jnp.uint8 if num_classes <= 256 else jnp.uint16 if num_classes <= 65536 else jnp.int32
