@@ -216,3 +216,16 @@ def test_speed_and_seconds_to_target_from_metrics_rows(tmp_path):
     assert train._speed(str(path), 0.0) == {"images_per_second": 100.0}
     assert train._speed(str(path), 0.75)["seconds_to_target"] == 50.0
     assert train._speed(str(path), 0.95)["seconds_to_target"] is None
+
+
+def test_deit_tiny_fashion_mnist_config():
+    """DeiT-Tiny at 224 px on the 28 px grey images: setup() tiles them to RGB and resizes on
+    the device (the :runlocal variant runs that path in tests/test_benchmarks.py)."""
+    c = load_config("deit_t_fashion_mnist")
+    model = (c.model.name, c.model.split_index, c.model.dtype)
+    assert model == ("deit_tiny_patch16_224", 3, "auto")
+    run = (c.dataset.name, c.method.name, c.method.xi, c.target_accuracy)
+    assert run == ("fashion_mnist", "adc", 0.1, 0.8)
+    assert load_config("deit_t_fashion_mnist", "runlocal").model.name == "vit_test_patch4_16"
+    with pytest.raises(ValueError, match="expected 'runlocal'"):
+        load_config("deit_t_fashion_mnist", "full")
