@@ -45,8 +45,9 @@ Records (every one carries the device, versions, XLA flags and the 1-minute load
   split/fused, images/s) and ``record="target"`` (the performance targets of issue #8, met or
   not); a Markdown table on stderr (stdout with ``--summarize``).
 
-``--dtype bfloat16`` (compute dtype of the model) and ``--no-donate`` (no buffer donation) are
-there so that accelerator choices are visible in the same script; on a CPU neither helps. Records
+``--dtype bfloat16`` (compute dtype of the model), ``--attention`` (XLA's or cuDNN's attention
+kernel) and ``--no-donate`` (no buffer donation) are there so that accelerator choices are visible
+in the same script; on a CPU none helps. Records
 carry them, and the tables keep each combination (the *variant*) apart; step/Base compares within
 a variant, and the targets read the default one (float32, donated). ``benchmarks/gpu.sh`` runs
 the set for a GPU.
@@ -109,6 +110,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed calls per phase (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (compilation)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument(
+        "--attention",
+        choices=vit.ATTENTION_IMPLEMENTATIONS,
+        default="auto",
+        help="attention of the blocks that need no CLS row (adc_jax.vit.dot_product_attention)",
+    )
     p.add_argument("--no-donate", dest="donate", action="store_false", help="no buffer donation")
     p.add_argument(
         "--no-select",
@@ -178,6 +185,7 @@ def _config(args) -> dict[str, Any]:
         "method": args.method,
         "xi": args.xi if args.method == "adc" else 1.0,
         "dtype": args.dtype,
+        "attention": args.attention,
         "donate": args.donate,
         "select_in_client": args.select,
     }
@@ -200,7 +208,11 @@ def setup(args):
     """Model, protocol, fresh state and one device batch of random images and labels."""
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     model = vit.make_model(
-        args.model, split_index=args.split_index, num_classes=args.num_classes, dtype=dtype
+        args.model,
+        split_index=args.split_index,
+        num_classes=args.num_classes,
+        dtype=dtype,
+        attention=args.attention,
     )
     method = ADC(xi=args.xi) if args.method == "adc" else Base()
     protocol = split.Protocol(
@@ -510,6 +522,8 @@ def run_grid(args) -> list[dict[str, Any]]:
         str(args.warmup),
         "--dtype",
         args.dtype,
+        "--attention",
+        args.attention,
     ]
     common += [] if args.donate else ["--no-donate"]
     common += [] if args.xla_tuned else ["--xla-default"]
@@ -560,6 +574,8 @@ def variant(record) -> str:
     """The accelerator choices a record ran with, in words: ``float32`` is the default (float32
     compute, donated buffers, the ADC client's selected-token path)."""
     words = [record.get("dtype", "float32")]
+    attention = record.get("attention", "auto")
+    words += [] if attention == "auto" else [f"{attention} attention"]
     words += [] if record.get("donate", True) else ["no donation"]
     words += [] if record.get("select_in_client", True) else ["no select"]
     return ", ".join(words)
