@@ -28,13 +28,10 @@ whichever side holds it)::
                 attn/proj/{kernel [D, D], bias [D]}, norm2/{scale, bias},
                 mlp/fc1/{kernel [D, M], bias [M]}, mlp/fc2/{kernel [M, D], bias [D]}
 
-Parameters are float32; ``dtype`` sets the compute dtype (the residual stream, the matrix
-products and the tokens sent across the cut: bfloat16 on GPUs and TPUs, see
-``docs/mixed_precision.md``), while attention logits and softmax, LayerNorm statistics, the
-scores, the final norm, the head and the logits stay float32.
-
-The modules are Flax's own (``nn.Dense``, ``nn.LayerNorm``, ``nn.Conv``, ``nn.gelu``) and JAX's
-``jax.nn.dot_product_attention``, differentiated by JAX; one code path for every backend.
+Built from Flax's layers and ``jax.nn.dot_product_attention``, differentiated by JAX: one code
+path for every backend. Parameters are float32; ``dtype`` is the compute dtype (the residual
+stream, the matrix products, the tokens sent across the cut; ``docs/mixed_precision.md``), while
+attention logits and softmax, LayerNorm statistics, scores, final norm, head and logits are float32.
 """
 
 from __future__ import annotations
@@ -201,12 +198,10 @@ def dot_product_attention(
     """``softmax(q kᵀ / √hd) v`` per head: ``q [B, n, H, hd]``, ``k, v [B, N, H, hd]`` →
     ``[B, n, H, hd]`` in ``v``'s dtype (logits and softmax in float32).
 
-    ``implementation``: ``"xla"`` (XLA's operations, any backend and dtype), ``"cudnn"`` (cuDNN's
-    fused flash attention: a CUDA GPU, 16-bit dtypes, head width a multiple of 8), or ``"auto"``:
-    cuDNN where it applies (a GPU and a 16-bit dtype), else XLA. ``jax.nn.dot_product_attention``'s
-    own default (``implementation=None``) is XLA on every backend, GPUs included, hence the choice
-    made here. "auto" falls back to XLA when JAX refuses cuDNN while tracing (no CUDA cuDNN, or
-    a shape it does not support).
+    ``implementation``: ``"xla"`` (any backend and dtype), ``"cudnn"`` (cuDNN's fused flash
+    attention: CUDA GPUs, 16-bit dtypes) or ``"auto"``: cuDNN on a GPU in a 16-bit dtype unless JAX
+    refuses it while tracing, else XLA. (``jax.nn.dot_product_attention``'s own default is XLA on
+    every backend, GPUs included.)
     """
     if implementation == "auto":
         if jax.default_backend() == "gpu" and jnp.dtype(q.dtype).itemsize == 2:
@@ -232,18 +227,13 @@ def attention_with_cls_row(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[ja
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with timm's fused ``qkv`` projection: its ``3D`` output columns
-    are ``[q (head 0..H-1), k (…), v (…)]``, each head ``hd`` wide.
+    """Multi-head self-attention with timm's fused ``qkv`` projection (output columns ``[q heads,
+    k heads, v heads]``). ``[B, N, D] → (out [B, N, D], cls_attention [B, N] float32 or None)``:
+    row 0 (the CLS query) of the softmax averaged over heads, when asked for.
 
-    Input ``[B, N, D]``. Returns ``(out [B, N, D], cls_attention [B, N] float32 or None)``, where
-    ``cls_attention`` (when asked for) is row 0 (the CLS query) of the post-softmax attention,
-    averaged over heads.
-
-    With ``select``: the CLS row is computed first (no gradient), ``positions, aux =
-    select(cls_attention)``, then attention and the output projection only for the queries at
-    ``positions [B, k]`` (keys and values still come from all N tokens). Returns ``(out [B, k, D],
-    cls_attention [B, N], (positions, aux))``; ``out[b, j]`` equals the full output at
-    ``positions[b, j]``.
+    With ``select``: the CLS row first (no gradient), ``positions, aux = select(cls_attention)``,
+    then attention and ``proj`` only for the queries at ``positions [B, k]`` (keys and values of
+    all N tokens): ``(out [B, k, D], cls_attention, (positions, aux))``.
     """
 
     num_heads: int
@@ -287,12 +277,9 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``.
-
-    Input ``[B, N, D]`` (any N). Returns ``(x [B, N, D] in dtype, cls_attention [B, N] float32 or
-    None)``; see :class:`Attention`. With ``select``, only the selected positions go through the
-    residual, the attention output, ``proj`` and the MLP: returns ``(x [B, k, D], cls_attention
-    [B, N], aux)`` with ``x[b, j]`` the full output at ``positions[b, j]``.
+    """Pre-norm block ``x + attn(norm1(x))``, ``x + mlp(norm2(x))``: ``[B, N, D] → (x [B, N, D],
+    cls_attention or None)`` (:class:`Attention`). With ``select``, only the selected positions go
+    through the residual and the MLP: ``(x [B, k, D], cls_attention [B, N], aux)``.
     """
 
     num_heads: int
@@ -342,16 +329,15 @@ class Client(nn.Module):
     attention averaged over heads (each row sums to 1; CLS→CLS included). It is wrapped in
     ``stop_gradient``: ADC only ranks and clusters with it.
 
-    ``__call__(images, select)`` with a :data:`Selector` computes only what is used downstream
-    when each sample keeps ``k`` of its ``N`` output tokens chosen from the scores (ADC): the last
-    block computes keys and values for all tokens and the CLS attention row, calls
-    ``select(scores) -> (positions [B, k], aux)``, then computes attention, ``proj``, residual and
-    MLP only at those positions (most of the block, forward and backward, shrinks by ``1 − k/N``).
-    Returns ``(tokens [B, k, D], scores [B, N], aux)`` with ``tokens[b, j]`` equal (to float
-    rounding) to the full output at ``positions[b, j]``, gradients included.
+    ``__call__(images, select)`` with a :data:`Selector` computes only what is used when each
+    sample keeps ``k`` of its ``N`` output tokens, chosen from the scores (ADC): the last block
+    computes keys, values and the CLS row for all tokens, calls ``select(scores) -> (positions
+    [B, k], aux)``, then attention, ``proj``, residual and MLP only at those positions. Returns
+    ``(tokens [B, k, D], scores [B, N], aux)``, ``tokens[b, j]`` equal (to rounding) to the full
+    output at ``positions[b, j]``, gradients included.
 
-    The last client block computes its attention as written-out einsums
-    (:func:`attention_with_cls_row`), the others with :func:`dot_product_attention`.
+    The last client block writes its attention out (:func:`attention_with_cls_row`), the others
+    call :func:`dot_product_attention`.
     """
 
     config: ViTConfig
@@ -369,18 +355,11 @@ class Client(nn.Module):
                 f"{cfg.name} expects images [B, {', '.join(map(str, expected))}] "
                 f"(NHWC); got {tuple(images.shape)}."
             )
-        p = cfg.patch_size
         # timm's patch_embed.proj: a convolution with kernel = stride = patch size; patches come
         # out in row-major grid order, like timm's flatten(2).
-        x = nn.Conv(
-            cfg.width,
-            (p, p),
-            strides=(p, p),
-            padding="VALID",
-            dtype=self.dtype,
-            kernel_init=_PATCH_INIT,
-            name="patch_embed",
-        )(images)
+        p = (cfg.patch_size,) * 2
+        conv = dict(dtype=self.dtype, kernel_init=_PATCH_INIT, name="patch_embed")
+        x = nn.Conv(cfg.width, p, p, "VALID", **conv)(images)
         x = x.reshape(x.shape[0], -1, cfg.width)
         cls = self.param("cls_token", _CLS_INIT, (1, 1, cfg.width), jnp.float32)
         pos = self.param("pos_embed", _POS_INIT, (1, cfg.seq_len, cfg.width), jnp.float32)
