@@ -513,8 +513,8 @@ def _eval_row(accuracy: float, start_time: float) -> dict[str, float]:
 
 
 def _speed(metrics_path: str, target_accuracy: float) -> dict[str, float | None]:
-    """``images_per_second`` (median over the log rows, so that the first row's compilation and
-    rows that include an evaluation do not count) and, with a ``target_accuracy`` > 0,
+    """``images_per_second`` (the median over the log rows: the first row's compilation and the
+    rows that include an evaluation are outliers) and, with a ``target_accuracy`` > 0,
     ``seconds_to_target``: the ``wall_seconds`` of the first evaluation that reaches it (None if
     none does; a resumed run's rows count from the start of the process that wrote them)."""
     rows = []

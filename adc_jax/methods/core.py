@@ -175,8 +175,9 @@ class StepCost:
 
     The dense reference of :attr:`xi_measured` is the ``base`` method on the same cut, in the same
     compute dtype, over an identity link: what this model would send uncompressed. So the measured
-    ratio is the method's own compression (ADC's is the same for a float32 and a bfloat16 model,
-    whose bytes are half), while a lossy link (``bfloat16``, ``int8``, ...) counts as compression.
+    ratio is the method's own compression (ADC's is almost the same for a float32 and a bfloat16
+    model, whose bytes are half), while a lossy link (``bfloat16``, ``int8``, ...) counts as
+    compression.
     """
 
     uplink: dict[str, int]  # bytes by part (activations, labels, indices, ...)
