@@ -76,7 +76,8 @@ part() { [[ $parts == *",$1,"* ]]; }
 ours() {
   started "$@" || return 0
   "$py" benchmarks/step.py "${model[@]}" --batch "$batch" --dtype "$dtype" --steps "$steps" \
-    --warmup "$warmup" --xla-default "$@" >> "$out/bench.jsonl" || echo "FAILED: $*"
+    --warmup "$warmup" --xla-default --attention "$attention" "$@" >> "$out/bench.jsonl" ||
+    echo "FAILED: $*"
 }
 
 theirs() {
@@ -93,7 +94,7 @@ train() {  # train NAME CONFIG ARGS...: one run of train.py, its summary into tr
   rm -rf "$workdir"
   "$py" train.py --config "configs/$config.py$variant" --workdir "$workdir" \
     --config.dataset.data_dir="$data_dir" --config.dataset.source_dir="$fashion" \
-    --config.progress=False "$@" "${train_args[@]}" &&
+    --config.progress=False --config.model.attention="$attention" "$@" "${train_args[@]}" &&
     "$py" benchmarks/gpu_report.py --collect "$workdir" "$config" >> "$out/train.jsonl" ||
     echo "FAILED: train $name"
 }
@@ -102,6 +103,24 @@ nvidia-smi > "$out/nvidia_smi.txt" 2>&1 || true
 "$py" -c "import jax; print('jax', jax.__version__, jax.devices())" || echo "FAILED: jax"
 "$py" -c "import tensorflow_datasets, array_record, dm_pix, ml_collections" 2>/dev/null ||
   echo "missing for train: tensorflow-datasets / array-record / dm-pix / ml-collections"
+# The blocks' attention under "auto" (cuDNN's kernel on a GPU in bfloat16): forward and backward
+# once at DeiT-Tiny's shape, so that a cuDNN failure costs seconds, not every part (they then run
+# with XLA's attention).
+attention=auto
+"$py" - "$dtype" <<'EOF' || { attention=xla && echo "attention: auto failed; every part uses xla"; }
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from adc_jax import vit
+
+q = jnp.ones((2, 197, 3, 64), sys.argv[1])
+grad = jax.jit(jax.grad(lambda q: vit.dot_product_attention(q, q, q).astype(jnp.float32).sum()))
+kind = "cuDNN" if "cudnn" in grad.lower(q).as_text().lower() else "XLA"
+jax.block_until_ready(grad(q))
+print(f"attention: auto is {kind} on {jax.devices()[0].device_kind} in {sys.argv[1]}")
+EOF
 
 if part step; then
   ours --method adc --xi 0.1 --paired-base

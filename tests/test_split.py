@@ -91,6 +91,7 @@ def test_per_client_mode_runs_and_accounting_sums_clients(model, params, batch):
     assert four.uplink["activations"] == 4 * 2 * k * model.width * 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", [Base(), ADC(xi=0.25)], ids=["base", "adc"])
 def test_bfloat16_step_sends_a_bfloat16_payload(method, params, batch):
     """Mixed precision: bfloat16 tokens cross the cut (and their gradient comes back in
