@@ -33,7 +33,13 @@ def default_config() -> ml_collections.ConfigDict:
     # '' trains from scratch; else a local .safetensors path or a hub id such as
     # 'timm/deit_tiny_patch16_224.fb_in1k' (the head is replaced for the dataset's classes).
     c.model.pretrained = ""
-    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+    # Compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16. Parameters,
+    # optimiser state, logits and loss stay float32; the tokens sent across the cut (and the
+    # gradient sent back) are in this dtype, and the byte counts follow it.
+    c.model.dtype = "auto"
+    # Attention of the blocks that do not return the CLS row: auto (cuDNN's fused kernel on a GPU
+    # in bfloat16, else XLA) | xla | cudnn (adc_jax.vit.dot_product_attention).
+    c.model.attention = "auto"
 
     c.dataset = ml_collections.ConfigDict()
     c.dataset.name = "fashion_mnist"  # fashion_mnist | cifar10 | cifar100 | food101
@@ -86,6 +92,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.budget.max_epochs = 0.0
 
     c.log_every_steps = 50
+    # > 0: summary.json reports seconds_to_target, the wall time of the first evaluation whose
+    # test accuracy reaches it (null if none does).
+    c.target_accuracy = 0.0
     c.eval_every_steps = 0  # 0 = every epoch-equivalent of the budget (and always at the end)
     c.checkpoint_every_steps = 500  # also at the end; a restarted run resumes from the last
     c.eval_batch_size = 512  # divides among 1, 2, 4, 8, … devices; the last batch is padded

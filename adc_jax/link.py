@@ -6,7 +6,8 @@ client sends, its backward pass applies the downlink channel to the gradient the
 
 Channels (ADC_SPEC §5, §6):
 
-* ``identity`` – float32 on the wire, no change.
+* ``identity`` – the values in their own dtype on the wire (the model's compute dtype: 4 bytes
+  for float32, 2 for bfloat16), no change.
 * ``bfloat16`` – the values are rounded to bfloat16 (2 bytes each).
 * ``int8`` – symmetric int8 with one float32 scale per tensor: ``q = round(x / s)``,
   ``s = max|x| / 127``.
@@ -15,7 +16,8 @@ Channels (ADC_SPEC §5, §6):
 * ``awgn`` – additive white Gaussian noise. Each transmission draws an SNR uniformly from
   ``[snr_min_db, snr_max_db]``; the noise variance is ``P / 10^(SNR/10)`` with the signal power
   ``P`` = the **mean square** of the transmitted values (the reference code used the norm, not
-  its square). Values are counted as float32 (an analog link has no bit budget of its own).
+  its square). Values are counted in their own dtype (an analog link has no bit budget of its
+  own).
 
 Under a named axis (one client spread over devices), the per-tensor statistics (range, scale,
 power) are reduced across the axis, so the channel sees one tensor whatever the device count.

@@ -37,7 +37,7 @@ import optax
 
 from adc_jax.link import Channel, link
 from adc_jax.methods import Method, Payload
-from adc_jax.methods.adc import axis_size
+from adc_jax.methods.core import axis_size
 
 AXIS = "data"
 

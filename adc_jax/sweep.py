@@ -85,7 +85,10 @@ def cut_shape(config: ml_collections.ConfigDict) -> CutShape:
     if config.devices.per_client:
         clients = len(train.select_devices(config))
     info = data.dataset_info(config.dataset.name)
-    return CutShape(config.batch_size // clients, model.seq_len, model.width, info.num_classes)
+    dtype = train.compute_dtype(config.model.dtype)
+    return CutShape(
+        config.batch_size // clients, model.seq_len, model.width, info.num_classes, dtype
+    )
 
 
 # ---- The grid -----------------------------------------------------------------------------

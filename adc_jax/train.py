@@ -5,9 +5,10 @@ it writes lands in ``workdir``:
 
 * ``config.json`` – the config as run;
 * ``metrics.jsonl`` – one JSON object per logged step (``step``, ``loss``, ``samples_equivalent``,
-  ``bytes_up``, ``bytes_down``, ``steps_per_second``, …) and per evaluation (``test_accuracy``);
+  ``bytes_up``, ``bytes_down``, ``steps_per_second``, ``images_per_second``, …) and per evaluation
+  (``test_accuracy``, ``wall_seconds`` since the process started);
 * ``summary.json`` – the final test accuracy, steps, bytes per direction, nominal and measured
-  ξ, wall time, devices and versions;
+  ξ, compute dtype, images/s, time to ``target_accuracy``, wall time, devices and versions;
 * ``checkpoints/`` – orbax checkpoints; a restarted command resumes from the newest by itself.
 
 Durations are converted to steps once, by :func:`plan_steps`; the loop reads metrics back from
@@ -112,15 +113,33 @@ def select_devices(config: ml_collections.ConfigDict) -> list[jax.Device]:
     return devices
 
 
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str, platform: str | None = None):
+    """``model.dtype`` as a dtype. ``"auto"``: bfloat16 on a GPU or TPU (their matrix units run
+    it at several times float32's rate), float32 on a CPU (where bfloat16 made our step slower);
+    ``platform`` defaults to JAX's default backend."""
+    if name == "auto":
+        return jnp.float32 if (platform or jax.default_backend()) == "cpu" else jnp.bfloat16
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"model.dtype must be auto, float32 or bfloat16, not {name!r} "
+            "(e.g. --config.model.dtype=float32)."
+        )
+    return COMPUTE_DTYPES[name]
+
+
 def build_model(config: ml_collections.ConfigDict, num_classes: int, image_size: int, key):
-    """The split ViT and its parameters (pretrained when ``model.pretrained`` is set)."""
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.model.dtype)
-    if dtype is None:
-        raise ValueError(f"model.dtype must be float32 or bfloat16, not {config.model.dtype!r}.")
+    """The split ViT and its parameters (pretrained when ``model.pretrained`` is set).
+
+    The compute dtype is resolved here, once (:func:`compute_dtype`); the model carries it.
+    """
+    dtype = compute_dtype(config.model.dtype)
     if config.model.pretrained:
         from adc_jax import pretrained
 
-        return pretrained.load_timm(
+        model, params = pretrained.load_timm(
             config.model.pretrained,
             model_name=config.model.name,
             split_index=config.model.split_index,
@@ -129,11 +148,13 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, image_size:
             image_size=image_size,
             dtype=dtype,
         )
+        return dataclasses.replace(model, attention=config.model.attention), params
     model = vit.make_model(
         config.model.name,
         split_index=config.model.split_index,
         num_classes=num_classes,
         dtype=dtype,
+        attention=config.model.attention,
     )
     return model, model.init(key)
 
@@ -202,7 +223,9 @@ def setup(config: ml_collections.ConfigDict) -> Experiment:
     )
     # What one client sees: the global batch, or one device's share of it.
     clients = len(devices) * jax.process_count() if config.devices.per_client else 1
-    cut = CutShape(config.batch_size // clients, model.seq_len, model.width, info.num_classes)
+    cut = CutShape(
+        config.batch_size // clients, model.seq_len, model.width, info.num_classes, model.dtype
+    )
     method.validate(cut)
     method.validate_device_batch(config.batch_size // jax.process_count() // len(devices))
     cost = step_cost(method, cut, protocol.uplink, protocol.downlink, clients=clients)
@@ -434,13 +457,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 now = time.time()
                 rate = (logged_step - tick_step) / max(now - tick, 1e-9)
                 tick, tick_step = now, logged_step
-                writer.write({**_record(exp, logged_step), **values, "steps_per_second": rate})
+                writer.write(
+                    {
+                        **_record(exp, logged_step),
+                        **values,
+                        "steps_per_second": rate,
+                        "images_per_second": rate * config.batch_size,
+                    }
+                )
                 progress.set_postfix(loss=f"{values['loss']:.3f}")
             if step % schedule.log_every == 0 or step == schedule.total_steps:
                 pending = (step, metrics)
             if step % schedule.eval_every == 0 and step != schedule.total_steps:
                 accuracy = evaluate(exp, state)
-                writer.write({**_record(exp, step), "test_accuracy": accuracy})
+                writer.write({**_record(exp, step), **_eval_row(accuracy, start_time)})
             if step % schedule.checkpoint_every == 0 or step == schedule.total_steps:
                 checkpoints.save(step, split.unreplicate(state))
             progress.update(1)
@@ -449,7 +479,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             _check_finite(pending[0], values)
             writer.write({**_record(exp, pending[0]), **values})
         test_accuracy = evaluate(exp, state)
-        writer.write({**_record(exp, schedule.total_steps), "test_accuracy": test_accuracy})
+        writer.write({**_record(exp, schedule.total_steps), **_eval_row(test_accuracy, start_time)})
     finally:
         batches.close()
         progress.close()
@@ -466,6 +496,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "batch_size": config.batch_size,
         "xi_nominal": cost.xi_paper,
         "xi_measured": cost.xi_measured,
+        "compute_dtype": jnp.dtype(exp.model.dtype).name,
+        **_speed(os.path.join(workdir, "metrics.jsonl"), config.target_accuracy),
         "bytes_per_step_up": cost.uplink,
         "bytes_per_step_down": cost.downlink,
         "uplink_channel": dataclasses.asdict(exp.protocol.uplink),
@@ -488,6 +520,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"{summary['device_kind']} device(s). Outputs in {workdir}."
         )
     return summary
+
+
+def _eval_row(accuracy: float, start_time: float) -> dict[str, float]:
+    return {"test_accuracy": accuracy, "wall_seconds": time.time() - start_time}
+
+
+def _speed(metrics_path: str, target_accuracy: float) -> dict[str, float | None]:
+    """``images_per_second`` (the median over the log rows: the first row's compilation and the
+    rows that include an evaluation are outliers) and, with a ``target_accuracy`` > 0,
+    ``seconds_to_target``: the ``wall_seconds`` of the first evaluation that reaches it (None if
+    none does; a resumed run's rows count from the start of the process that wrote them)."""
+    rows = []
+    if os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    rates = [r["images_per_second"] for r in rows if "images_per_second" in r]
+    out = {"images_per_second": float(np.median(rates)) if rates else None}
+    if target_accuracy > 0:
+        reached = [
+            r["wall_seconds"]
+            for r in rows
+            if r.get("test_accuracy", -1.0) >= target_accuracy and "wall_seconds" in r
+        ]
+        out["seconds_to_target"] = reached[0] if reached else None
+    return out
 
 
 def _progress(config, total: int, start: int, cost: StepCost):

@@ -1,4 +1,4 @@
-"""ViT / DeiT in Flax Linen, cut in two for split learning (ADC_SPEC §1, ARCHITECTURE decision 2).
+"""ViT / DeiT in Flax Linen, cut in two for split learning (client and server halves).
 
 The model is timm's ``VisionTransformer`` as used by DeiT v1 (class token, learned absolute position
 embedding added after the class token is prepended, pre-norm blocks, classification on token 0),
@@ -28,24 +28,22 @@ whichever side holds it)::
                 attn/proj/{kernel [D, D], bias [D]}, norm2/{scale, bias},
                 mlp/fc1/{kernel [D, M], bias [M]}, mlp/fc2/{kernel [M, D], bias [D]}
 
-Parameters are float32; ``dtype`` sets the compute dtype (bfloat16 on TPU), while attention logits,
-softmax, LayerNorm statistics, scores and logits stay float32.
+Built from Flax's layers and ``jax.nn.dot_product_attention``, differentiated by JAX: one code
+path for every backend. Parameters are float32; ``dtype`` is the compute dtype (the residual
+stream, the matrix products, the tokens sent across the cut; ``docs/mixed_precision.md``), while
+attention logits and softmax, LayerNorm statistics, scores, final norm, head and logits are float32.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-
-from adc_jax import cpu_kernels
 
 Dtype = Any
 Params = Any
@@ -131,20 +129,12 @@ class ViTConfig:
 
 def _imagenet(name, width, depth, num_heads, mlp_dim) -> ViTConfig:
     return ViTConfig(
-        name=name,
-        image_size=224,
-        patch_size=16,
-        in_chans=3,
-        width=width,
-        depth=depth,
-        num_heads=num_heads,
-        mlp_dim=mlp_dim,
-        num_classes=1000,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
+        name, 224, 16, 3, width, depth, num_heads, mlp_dim, 1000, IMAGENET_MEAN, IMAGENET_STD
     )
 
 
+# Fields in order: name, image_size, patch_size, in_chans, width, depth, num_heads, mlp_dim,
+# num_classes, mean, std.
 MODELS: dict[str, ViTConfig] = {
     c.name: c
     for c in (
@@ -154,32 +144,10 @@ MODELS: dict[str, ViTConfig] = {
         _imagenet("deit_base_patch16_224", 768, 12, 12, 3072),
         # A small ViT for Fashion-MNIST (the project's real-data check on a CPU).
         ViTConfig(
-            name="vit_mini_patch4_28",
-            image_size=28,
-            patch_size=4,
-            in_chans=1,
-            width=64,
-            depth=4,
-            num_heads=2,
-            mlp_dim=256,
-            num_classes=10,
-            mean=FASHION_MNIST_MEAN,
-            std=FASHION_MNIST_STD,
+            "vit_mini_patch4_28", 28, 4, 1, 64, 4, 2, 256, 10, FASHION_MNIST_MEAN, FASHION_MNIST_STD
         ),
         # Tiny variant for fast CPU tests (N = 17 tokens).
-        ViTConfig(
-            name="vit_test_patch4_16",
-            image_size=16,
-            patch_size=4,
-            in_chans=3,
-            width=32,
-            depth=4,
-            num_heads=2,
-            mlp_dim=64,
-            num_classes=10,
-            mean=(0.5, 0.5, 0.5),
-            std=(0.5, 0.5, 0.5),
-        ),
+        ViTConfig("vit_test_patch4_16", 16, 4, 3, 32, 4, 2, 64, 10, (0.5,) * 3, (0.5,) * 3),
     )
 }
 
@@ -208,404 +176,91 @@ def get_model_config(
 # Layers
 # ------------------------------------------------------------------------------------------------
 
-
-@jax.custom_vjp
-def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
-    """LayerNorm over the last axis (eps 1e-6, statistics in float32), output in ``x.dtype``.
-
-    Written out with its own backward pass, which keeps the normalised input and the
-    ``[..., 1]`` inverse deviation as residuals. Autodiff of the textbook form saves the inverse
-    deviation broadcast to the full ``[..., D]`` shape, and XLA on CPU then materialises it.
-    On a CPU in float32 each pass is one call of :mod:`adc_jax.cpu_kernels` (one pass over the
-    rows; residuals ``x`` and the row statistics), where XLA makes several full-size passes.
-    """
-    return _layer_norm_fwd(x, scale, bias)[0]
-
-
-def _layer_norm_fwd(x, scale, bias):
-    if cpu_kernels.use_kernel(x.dtype, scale.dtype, bias.dtype):
-        y, mean, rstd = cpu_kernels.layer_norm_forward(x, scale, bias, LN_EPS)
-        return y, (x, mean, rstd, scale)
-    xf = x.astype(jnp.float32)
-    centered = xf - jnp.mean(xf, axis=-1, keepdims=True)
-    rstd = jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + LN_EPS)
-    normed = centered * rstd
-    return (normed * scale + bias).astype(x.dtype), (normed, rstd, scale)
-
-
-def _layer_norm_bwd(residuals, dy):
-    if cpu_kernels.use_kernel(dy.dtype, *(r.dtype for r in residuals)):
-        return cpu_kernels.layer_norm_backward(*residuals, dy)
-    normed, rstd, scale = residuals
-    dtype, dy = dy.dtype, dy.astype(jnp.float32)  # the input's dtype is the output's
-    d = dy.shape[-1]
-    dscale = jnp.sum((dy * normed).reshape(-1, d), axis=0)
-    dbias = jnp.sum(dy.reshape(-1, d), axis=0)
-    g = dy * scale
-    mean_g = jnp.mean(g, axis=-1, keepdims=True)
-    mean_gn = jnp.mean(g * normed, axis=-1, keepdims=True)
-    dx = rstd * (g - mean_g - normed * mean_gn)
-    return dx.astype(dtype), dscale, dbias
-
-
-layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
-
-
-class LayerNorm(nn.Module):
-    """``nn.LayerNorm``'s parameters (``scale``, ``bias``) with :func:`layer_norm`'s kernels."""
-
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        d = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
-        return layer_norm(x.astype(self.dtype), scale, bias)
-
-
-def _layer_norm(name: str, dtype: Dtype) -> LayerNorm:
-    return LayerNorm(dtype, name=name)
-
-
-class Dense(nn.Module):
-    """``x @ kernel + bias`` over the last axis, computed as one 2-D matmul.
-
-    Same parameters as ``nn.Dense`` (``kernel [in, out]``, ``bias [out]``, float32). The input is
-    flattened to ``[rows, in]`` first: the weight gradient is then a plain ``[in, rows] × [rows,
-    out]`` contraction, while a contraction over two leading axes (``nn.Dense`` on ``[B, N, D]``)
-    makes XLA on CPU materialise a transposed copy of an activation-sized operand for every
-    layer in the backward pass. On a CPU in float32 that weight gradient is an OpenBLAS call
-    (:func:`adc_jax.cpu_kernels.matmul`).
-    """
-
-    features: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, columns: slice | None = None) -> jax.Array:
-        """``x [..., in] → [..., out]``; with ``columns``, only those output features."""
-        kernel = self.param("kernel", _DENSE_INIT, (x.shape[-1], self.features), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        if columns is not None:
-            kernel, bias = kernel[:, columns], bias[columns]
-        rows = x.reshape(-1, x.shape[-1]).astype(self.dtype)
-        y = _linear(rows, kernel.astype(self.dtype), bias.astype(self.dtype))
-        return y.reshape(*x.shape[:-1], kernel.shape[1])
-
-
-def _linear(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """``x [R, in] @ kernel + bias``; in float32 its weight gradient ``xᵀ·g`` is a
-    :func:`adc_jax.cpu_kernels.matmul` (OpenBLAS on a CPU, where XLA's is slowest: issue #8)."""
-    if x.dtype == kernel.dtype == jnp.float32:
-        return _linear_f32(x, kernel, bias)
-    return x @ kernel + bias
-
-
-@jax.custom_vjp
-def _linear_f32(x, kernel, bias):
-    return x @ kernel + bias
-
-
-def _linear_f32_fwd(x, kernel, bias):
-    return x @ kernel + bias, (x, kernel)
-
-
-def _linear_f32_bwd(residuals, g):
-    # Only the weight gradient leaves XLA: the input gradient g·kernelᵀ (contracting over the
-    # small axis) is as fast in XLA, which also fuses the bias gradient's reduction.
-    x, kernel = residuals
-    return g @ kernel.T, cpu_kernels.matmul(x, g, trans_a=True), g.sum(axis=0)
-
-
-_linear_f32.defvjp(_linear_f32_fwd, _linear_f32_bwd)
-
-
-def _dense(features: int, name: str, dtype: Dtype) -> Dense:
-    return Dense(features, dtype, name=name)
-
-
-class PatchEmbed(nn.Module):
-    """timm's ``patch_embed.proj``: a convolution with kernel = stride = patch size.
-
-    The kernel is stored ``[p, p, C, D]`` (HWIO, the layout of ``nn.Conv``; timm's OIHW weight is
-    ``w.transpose(2, 3, 1, 0)``). Computed as a strided convolution: on XLA's CPU backend (jax
-    0.10) that beats the equivalent "patchify + matmul" by 1.3–3× forward, because rearranging
-    the image into patch rows is a slow transpose there. Patches come out in row-major grid
-    order, like timm's ``flatten(2)``.
-
-    Input ``[B, H, W, C]``; output ``[B, (H/p)·(W/p), D]`` in ``dtype``.
-    """
-
-    patch_size: int
-    width: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, images: jax.Array) -> jax.Array:
-        b, _, _, c = images.shape
-        p = self.patch_size
-        kernel = self.param("kernel", _PATCH_INIT, (p, p, c, self.width), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (self.width,), jnp.float32)
-        x = jax.lax.conv_general_dilated(
-            images.astype(self.dtype),
-            kernel.astype(self.dtype),
-            window_strides=(p, p),
-            padding="VALID",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
-        return x.reshape(b, -1, self.width) + bias.astype(self.dtype)
-
-
-@jax.custom_vjp
-def add_over_batch(x: jax.Array, y: jax.Array) -> jax.Array:
-    """``x + y`` for ``x [B, ...]`` and ``y [1, ...]`` (a parameter shared by the batch, such as
-    the position embedding).
-
-    The gradient of ``y`` is the sum of ``g`` over the batch, computed as the product ``1ᵀ·g``
-    of a ones vector with ``g [B, rest]`` (float32 accumulation, full precision). XLA's CPU
-    reduction over a short leading axis of a wide array is slow: ``[64, 197·192].sum(0)`` takes
-    14 ms on a 2-core Xeon (jax 0.10), the product 0.6 ms (issue #8; one per training step).
-    """
-    return _add_over_batch_fwd(x, y)[0]
-
-
-def _add_over_batch_fwd(x, y):
-    if y.ndim != x.ndim or y.shape[0] != 1 or y.shape[1:] != x.shape[1:] or y.dtype != x.dtype:
-        raise ValueError(
-            "add_over_batch: y must be [1, *x.shape[1:]] of x's dtype; got "
-            f"{x.shape} {x.dtype}, {y.shape} {y.dtype}"
-        )
-    return x + y, None
-
-
-def _add_over_batch_bwd(_, g):
-    ones = jnp.ones((1, g.shape[0]), g.dtype)
-    rows = g.reshape(g.shape[0], -1)
-    dy = jnp.dot(ones, rows, precision="highest", preferred_element_type=jnp.float32)
-    return g, dy.reshape(1, *g.shape[1:]).astype(g.dtype)
-
-
-add_over_batch.defvjp(_add_over_batch_fwd, _add_over_batch_bwd)
-
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 Selector = Callable[[jax.Array], tuple[jax.Array, Any]]
 """``select(scores [B, N] float32) -> (positions [B, k] int32, aux)``: which query positions of the
 last client block to compute (see :class:`Client`); ``aux`` is passed through untouched."""
 
 
+def _dense(features: int, name: str, dtype: Dtype) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype, kernel_init=_DENSE_INIT, name=name)
+
+
+def _layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
+    # Two-pass variance, as timm's (PyTorch's) LayerNorm; statistics in float32 for any dtype.
+    return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, use_fast_variance=False, name=name)
+
+
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto"
+) -> jax.Array:
+    """``softmax(q kᵀ / √hd) v`` per head: ``q [B, n, H, hd]``, ``k, v [B, N, H, hd]`` →
+    ``[B, n, H, hd]`` in ``v``'s dtype (logits and softmax in float32).
+
+    ``implementation``: ``"xla"`` (any backend and dtype), ``"cudnn"`` (cuDNN's fused flash
+    attention: CUDA GPUs, 16-bit dtypes) or ``"auto"``: cuDNN on a GPU in a 16-bit dtype unless JAX
+    refuses it while tracing, else XLA. (``jax.nn.dot_product_attention``'s own default is XLA on
+    every backend, GPUs included.)
+    """
+    if implementation == "auto":
+        if jax.default_backend() == "gpu" and jnp.dtype(q.dtype).itemsize == 2:
+            try:
+                return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+            except (NotImplementedError, RuntimeError):
+                pass
+        implementation = "xla"
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+
+def attention_with_cls_row(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """:func:`dot_product_attention`'s XLA arithmetic written out, which also returns row 0 of
+    the softmax averaged over heads: ``(out [B, n, H, hd] in v's dtype, [B, N] float32)``.
+
+    Used where ADC needs that row (the last client block): it is computed in the same pass.
+    """
+    scale = jnp.asarray(q.shape[-1] ** -0.5, jnp.float32)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+    return out, probs[:, :, 0].mean(axis=1)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with timm's fused ``qkv`` layout.
+    """Multi-head self-attention with timm's fused ``qkv`` projection (output columns ``[q heads,
+    k heads, v heads]``). ``[B, N, D] → (out [B, N, D], cls_attention [B, N] float32 or None)``:
+    row 0 (the CLS query) of the softmax averaged over heads, when asked for.
 
-    Input ``[B, N, D]``. Returns ``(out [B, N, D], cls_attention [B, N] float32 or None)``, where
-    ``cls_attention`` is row 0 (the CLS query) of the post-softmax attention, averaged over heads.
-
-    With ``select``: keys and values are computed for all N tokens, the query and the attention
-    row of CLS first, then ``positions, aux = select(cls_attention)`` (no gradient), then queries,
-    attention rows and the output projection only at ``positions [B, k]``. Returns
-    ``(out [B, k, D], cls_attention [B, N], (positions, aux))``; ``out[b, j]`` equals the full
-    output at ``positions[b, j]`` (keys and values still come from all N tokens).
+    With ``select``: the CLS row first (no gradient), ``positions, aux = select(cls_attention)``,
+    then attention and ``proj`` only for the queries at ``positions [B, k]`` (keys and values of
+    all N tokens): ``(out [B, k, D], cls_attention, (positions, aux))``.
     """
 
     num_heads: int
     dtype: Dtype = jnp.float32
+    implementation: str = "auto"
 
     @nn.compact
     def __call__(
         self, x: jax.Array, return_cls_attention: bool = False, select: Selector | None = None
     ) -> tuple:
-        d = x.shape[-1]
-        h = self.num_heads
-        hd = d // h
-        # One [D, 3D] matmul instead of three: fewer, larger GEMMs are faster on CPU, and the output
-        # columns are timm's attn.qkv rows: [q (head 0..H-1), k (…), v (…)], each head hd wide.
-        # Split, not indexed: the gradient of a split is one concatenation; that of three index
-        # slices is three zero-padded copies of the whole qkv tensor, summed.
-        qkv = _dense(3 * d, "qkv", self.dtype)
-        # Scaling q (B·N·D values) instead of the logits (B·H·N·N) is the same up to rounding
-        # (exact when hd is a power of 4, as in every DeiT), and saves a pass over the logits.
-        scale = jnp.asarray(hd**-0.5, self.dtype)
-        selection = None
-        if select is None and cpu_kernels.use_kernel(self.dtype):
-            # On a CPU, one call for all heads straight from the projection's layout.
-            out, first_row = fused_attention(qkv(x), h)
-        elif select is None:
-            q, k, v = jnp.split(qkv(x), 3, axis=2)  # [B, N, D] each
-            out, first_row = _attention_by_heads(q * scale, k, v, h)
-        else:
-            # Keys and values for every token; queries only for CLS (the scores), then for the
-            # rows the selector keeps.
-            kv = qkv(x, columns=slice(d, 3 * d))  # [B, N, 2D]: k heads, v heads
-            q_cls = qkv(x[:, :1], columns=slice(0, d)) * scale
-            # Same kernel as the full path's row 0: both paths rank tokens by the same numbers.
-            cls_row = select_attention(*jax.lax.stop_gradient((q_cls, kv)), h)[1]
-            cls_attention = cls_row.mean(axis=1)  # [B, N]
+        b, n, d = x.shape
+        qkv = _dense(3 * d, "qkv", self.dtype)(x)
+        q, k, v = (t.reshape(b, n, self.num_heads, -1) for t in jnp.split(qkv, 3, axis=-1))
+        cls_attention = selection = None
+        if select is not None:
+            row_inputs = jax.lax.stop_gradient((q[:, :1], k, v))
+            cls_attention = attention_with_cls_row(*row_inputs)[1]
             positions, aux = select(cls_attention)
             selection = (positions, aux)
-            kept = jnp.take_along_axis(x, positions[:, :, None], axis=1)  # [B, k, D]
-            q = qkv(kept, columns=slice(0, d)) * scale
-            out, first_row = select_attention(q, kv, h)  # [B, k, D], [B, H, N]
-        out = _dense(d, "proj", self.dtype)(out)
-        if selection is not None:
-            return out, cls_attention, selection
-        cls_attention = first_row.mean(axis=1) if return_cls_attention else None
-        return out, cls_attention
-
-
-def select_attention(q: jax.Array, kv: jax.Array, num_heads: int) -> tuple[jax.Array, jax.Array]:
-    """:func:`attention` of queries ``q [B, n, D]`` (pre-scaled) against keys and values ``kv [B,
-    N, 2D]`` (the projection's key columns, then its value columns), heads side by side in
-    every array: ``(out [B, n, D], probs[:, :, 0, :] [B, H, N])``. On a CPU in float32 one call of
-    :func:`adc_jax.cpu_kernels.attention_select_forward`, which reads and writes the heads in
-    place; elsewhere the heads are moved to a batch axis and back."""
-    if cpu_kernels.use_kernel(q.dtype, kv.dtype):
-        return _select_attention(q, kv, num_heads)
-    k, v = jnp.split(kv, 2, axis=2)
-    return _attention_by_heads(q, k, v, num_heads)
-
-
-def _attention_by_heads(q, k, v, num_heads):
-    """:func:`attention` of ``q [B, n, D]``, ``k, v [B, N, D]``: ``(out [B, n, D], first row)``."""
-    b, n, d = q.shape
-    out, first_row = attention(_heads(q, num_heads), _heads(k, num_heads), _heads(v, num_heads))
-    return out.transpose(0, 2, 1, 3).reshape(b, n, d), first_row  # heads back to features
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _select_attention(q, kv, num_heads):
-    return _select_attention_fwd(q, kv, num_heads)[0]
-
-
-def _select_attention_fwd(q, kv, num_heads):
-    out, exp, inv_sum = cpu_kernels.attention_select_forward(q, kv, num_heads)
-    first_row = exp[:, :, 0, :] * inv_sum[:, :, 0, :]
-    return (out, first_row), (q, kv, out, exp, inv_sum)
-
-
-def _select_attention_bwd(num_heads, residuals, cotangents):
-    return cpu_kernels.attention_select_backward(*residuals, cotangents[0], num_heads)
-
-
-_select_attention.defvjp(_select_attention_fwd, _select_attention_bwd)
-
-
-def _heads(x: jax.Array, num_heads: int) -> jax.Array:
-    """``[B, n, H·hd] → [B, H, n, hd]``: heads as a batch axis, the layout batched GEMMs want."""
-    b, n, d = x.shape
-    return x.reshape(b, n, num_heads, d // num_heads).transpose(0, 2, 1, 3)
-
-
-@jax.custom_vjp
-def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``softmax(q kᵀ) v`` per head, and row 0 of the softmax (no gradient through the latter).
-
-    ``q [B, H, n, hd]`` (pre-scaled), ``k, v [B, H, N, hd]`` → ``(out [B, H, n, hd] in v's dtype,
-    probs[:, :, 0, :] [B, H, N] float32)``. Same numbers as the textbook form up to rounding, with
-    fewer passes over the ``[B, H, n, N]`` attention matrix, which dominate on a CPU: the
-    forward pass normalises the ``[n, hd]`` output instead of the ``[n, N]`` matrix, and the
-    backward pass takes the softmax's row sums from ``dout · out`` (as FlashAttention does).
-    On a CPU in float32 each pass is one call of :mod:`adc_jax.cpu_kernels` (the same arithmetic,
-    each (batch, head) item's matrix kept in cache); elsewhere, XLA's operations below.
-    """
-    return _attention_fwd(q, k, v)[0]
-
-
-def _attention_fwd(q, k, v):
-    if cpu_kernels.use_kernel(q.dtype, k.dtype, v.dtype):
-        out, exp, inv_sum = cpu_kernels.attention_forward(q, k, v)
-        first_row = exp[:, :, 0, :] * inv_sum[:, :, 0, :]
-        return (out, first_row), (q, k, v, out, exp, inv_sum)
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-    exp = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-    inv_sum = 1.0 / jnp.sum(exp, axis=-1, keepdims=True)  # [B, H, n, 1]
-    unnormed = jnp.einsum(
-        "bhqk,bhkd->bhqd", exp.astype(v.dtype), v, preferred_element_type=jnp.float32
-    )
-    out = (unnormed * inv_sum).astype(v.dtype)
-    first_row = exp[:, :, 0, :] * inv_sum[:, :, 0, :]
-    return (out, first_row), (q, k, v, out, exp, inv_sum)
-
-
-def _attention_bwd(residuals, cotangents):
-    q, k, v, out, exp, inv_sum = residuals
-    if cpu_kernels.use_kernel(q.dtype, k.dtype, v.dtype, cotangents[0].dtype):
-        return cpu_kernels.attention_backward(q, k, v, out, exp, inv_sum, cotangents[0])
-    d_out = cotangents[0].astype(jnp.float32)  # row 0's cotangent is ignored (stop_gradient)
-    d_scaled = (d_out * inv_sum).astype(v.dtype)  # dout / rowsum: P = exp · inv_sum
-    dv = jnp.einsum(
-        "bhqk,bhqd->bhkd", exp.astype(v.dtype), d_scaled, preferred_element_type=jnp.float32
-    )
-    dp = jnp.einsum("bhqd,bhkd->bhqk", d_scaled, v, preferred_element_type=jnp.float32)
-    row = jnp.sum(d_out * out.astype(jnp.float32), axis=-1, keepdims=True)  # Σ_k P·dP
-    d_logits = (exp * (dp - row * inv_sum)).astype(q.dtype)
-    dq = jnp.einsum("bhqk,bhkd->bhqd", d_logits, k, preferred_element_type=jnp.float32)
-    dk = jnp.einsum("bhqk,bhqd->bhkd", d_logits, q, preferred_element_type=jnp.float32)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
-
-
-attention.defvjp(_attention_fwd, _attention_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def fused_attention(qkv: jax.Array, num_heads: int) -> tuple[jax.Array, jax.Array]:
-    """:func:`attention` of all heads from the fused projection ``qkv [B, N, 3D]`` (timm's
-    layout), through :func:`adc_jax.cpu_kernels.attention_qkv_forward`: ``(out [B, N, D] with
-    the heads side by side, probs[:, :, 0, :] [B, H, N])``. float32 on a CPU only."""
-    return _fused_attention_fwd(qkv, num_heads)[0]
-
-
-def _fused_scale(qkv, num_heads):
-    return (qkv.shape[-1] // (3 * num_heads)) ** -0.5  # head width ** -0.5
-
-
-def _fused_attention_fwd(qkv, num_heads):
-    out, exp, inv_sum = cpu_kernels.attention_qkv_forward(
-        qkv, num_heads, _fused_scale(qkv, num_heads)
-    )
-    first_row = exp[:, :, 0, :] * inv_sum[:, :, 0, :]
-    return (out, first_row), (qkv, out, exp, inv_sum)
-
-
-def _fused_attention_bwd(num_heads, residuals, cotangents):
-    qkv, out, exp, inv_sum = residuals
-    scale = _fused_scale(qkv, num_heads)
-    d_qkv = cpu_kernels.attention_qkv_backward(
-        qkv, out, exp, inv_sum, cotangents[0], num_heads, scale
-    )
-    return (d_qkv,)
-
-
-fused_attention.defvjp(_fused_attention_fwd, _fused_attention_bwd)
-
-
-_INV_SQRT2_NEXT = float(np.nextafter(np.float32(2**-0.5), np.float32(1.0)))
-
-
-@jax.custom_vjp
-def gelu(x: jax.Array) -> jax.Array:
-    """Exact GELU ``x·Φ(x) = ½·x·(1 + erf(x/√2))``, timm's ``nn.GELU`` formula.
-
-    ``jax.nn.gelu(approximate=False)`` uses ``erfc`` (more accurate far in the negative tail),
-    whose XLA CPU kernel is slower than ``erf``'s. The backward pass ``Φ(x) + x·φ(x)`` is written
-    out so that only ``x`` is kept from the forward pass.
-    """
-    return _gelu_fwd(x)[0]
-
-
-def _gelu_fwd(x):
-    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(2**-0.5, x.dtype))), x
-
-
-def _gelu_bwd(x, g):
-    # The forward pass's 1/√2 plus one float32 ulp: with the same constant, XLA merges the two
-    # erf computations and keeps erf's output as one more activation-sized array between the
-    # passes; recomputing it inside the backward fusion costs less than that memory traffic.
-    cdf = 0.5 * (1.0 + jax.lax.erf(x * jnp.asarray(_INV_SQRT2_NEXT, x.dtype)))
-    pdf = jnp.exp(-0.5 * x * x) * jnp.asarray((2 * math.pi) ** -0.5, x.dtype)
-    return (g * (cdf + x * pdf),)
-
-
-gelu.defvjp(_gelu_fwd, _gelu_bwd)
+            q = jnp.take_along_axis(q, positions[:, :, None, None], axis=1)
+            out = attention_with_cls_row(q, k, v)[0]
+        elif return_cls_attention:
+            out, cls_attention = attention_with_cls_row(q, k, v)
+        else:
+            out = dot_product_attention(q, k, v, self.implementation)
+        out = _dense(d, "proj", self.dtype)(out.reshape(*out.shape[:2], d))
+        return (out, cls_attention) if selection is None else (out, cls_attention, selection)
 
 
 class Mlp(nn.Module):
@@ -616,40 +271,40 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        d = x.shape[-1]
-        x = _dense(self.mlp_dim, "fc1", self.dtype)(x)
-        x = gelu(x)  # timm's nn.GELU is the exact (erf) form
-        return _dense(d, "fc2", self.dtype)(x)
+        y = _dense(self.mlp_dim, "fc1", self.dtype)(x)
+        y = nn.gelu(y, approximate=False)  # timm's nn.GELU is the exact (erf) form
+        return _dense(x.shape[-1], "fc2", self.dtype)(y)
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``.
-
-    Input ``[B, N, D]`` (any N). Returns ``(x [B, N, D] in dtype, cls_attention [B, N] float32 or
-    None)``; see :class:`Attention`. With ``select``, only the selected positions go through the
-    residual, the attention output, ``proj`` and the MLP: returns ``(x [B, k, D], cls_attention
-    [B, N], aux)`` with ``x[b, j]`` the full output at ``positions[b, j]``.
+    """Pre-norm block ``x + attn(norm1(x))``, ``x + mlp(norm2(x))``: ``[B, N, D] → (x [B, N, D],
+    cls_attention or None)`` (:class:`Attention`). With ``select``, only the selected positions go
+    through the residual and the MLP: ``(x [B, k, D], cls_attention [B, N], aux)``.
     """
 
     num_heads: int
     mlp_dim: int
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(
         self, x: jax.Array, return_cls_attention: bool = False, select: Selector | None = None
     ) -> tuple:
-        attn = Attention(self.num_heads, self.dtype, name="attn")
-        out = attn(_layer_norm("norm1", self.dtype)(x), return_cls_attention, select)
-        aux = None
-        if select is not None:
-            y, cls_attention, (positions, aux) = out
+        attn = Attention(self.num_heads, self.dtype, self.attention, name="attn")
+        y, cls_attention, *selection = attn(
+            _layer_norm("norm1", self.dtype)(x), return_cls_attention, select
+        )
+        if selection:
+            positions, aux = selection[0]
             x = jnp.take_along_axis(x, positions[:, :, None], axis=1)  # [B, k, D]
-        else:
-            y, cls_attention = out
         x = x + y
         x = x + Mlp(self.mlp_dim, self.dtype, name="mlp")(_layer_norm("norm2", self.dtype)(x))
         return (x, cls_attention) if select is None else (x, cls_attention, aux)
+
+
+def _block(cfg: ViTConfig, index: int, dtype: Dtype, attention: str) -> Block:
+    return Block(cfg.num_heads, cfg.mlp_dim, dtype, attention, name=f"blocks_{index}")
 
 
 def _check_split(config: ViTConfig, split_index: int) -> None:
@@ -672,21 +327,23 @@ class Client(nn.Module):
     ``__call__(images [B, H, W, C] float, normalised)`` returns ``(tokens [B, N, D] in dtype,
     scores [B, N] float32)``: ``scores`` is the CLS query row of the last client block's softmax
     attention averaged over heads (each row sums to 1; CLS→CLS included). It is wrapped in
-    ``stop_gradient``: ADC only ranks and clusters with it (ADC_SPEC §2.1).
+    ``stop_gradient``: ADC only ranks and clusters with it.
 
-    ``__call__(images, select)`` with a :data:`Selector` computes only what is used downstream
-    when each sample keeps ``k`` of its ``N`` output tokens chosen from the scores (ADC): the last
-    block computes keys and values for all tokens and the CLS attention row, calls
-    ``select(scores) -> (positions [B, k], aux)``, then computes queries, attention, ``proj``,
-    residual and MLP only at those positions (most of the block, forward and backward, shrinks
-    by ``1 − k/N``). Returns ``(tokens [B, k, D],
-    scores [B, N], aux)`` with ``tokens[b, j]`` equal (to float rounding) to the full output at
-    ``positions[b, j]``, gradients included.
+    ``__call__(images, select)`` with a :data:`Selector` computes only what is used when each
+    sample keeps ``k`` of its ``N`` output tokens, chosen from the scores (ADC): the last block
+    computes keys, values and the CLS row for all tokens, calls ``select(scores) -> (positions
+    [B, k], aux)``, then attention, ``proj``, residual and MLP only at those positions. Returns
+    ``(tokens [B, k, D], scores [B, N], aux)``, ``tokens[b, j]`` equal (to rounding) to the full
+    output at ``positions[b, j]``, gradients included.
+
+    The last client block writes its attention out (:func:`attention_with_cls_row`), the others
+    call :func:`dot_product_attention`.
     """
 
     config: ViTConfig
     split_index: int
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, images: jax.Array, select: Selector | None = None) -> tuple:
@@ -698,16 +355,23 @@ class Client(nn.Module):
                 f"{cfg.name} expects images [B, {', '.join(map(str, expected))}] "
                 f"(NHWC); got {tuple(images.shape)}."
             )
-        x = PatchEmbed(cfg.patch_size, cfg.width, self.dtype, name="patch_embed")(images)
+        # timm's patch_embed.proj: a convolution with kernel = stride = patch size; patches come
+        # out in row-major grid order, like timm's flatten(2).
+        p = (cfg.patch_size,) * 2
+        conv = dict(dtype=self.dtype, kernel_init=_PATCH_INIT, name="patch_embed")
+        x = nn.Conv(cfg.width, p, p, "VALID", **conv)(images)
+        x = x.reshape(x.shape[0], -1, cfg.width)
         cls = self.param("cls_token", _CLS_INIT, (1, 1, cfg.width), jnp.float32)
         pos = self.param("pos_embed", _POS_INIT, (1, cfg.seq_len, cfg.width), jnp.float32)
         # DeiT v1: prepend CLS, then add the N-entry position embedding (CLS has a position too).
         cls = jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, cfg.width))
-        x = add_over_batch(jnp.concatenate([cls, x], axis=1), pos.astype(self.dtype))
+        x = jnp.concatenate([cls, x], axis=1) + pos.astype(self.dtype)
         scores = aux = None
         for i in range(self.split_index):
             last = i == self.split_index - 1
-            block = Block(cfg.num_heads, cfg.mlp_dim, self.dtype, name=f"blocks_{i}")
+            block = Block(
+                cfg.num_heads, cfg.mlp_dim, self.dtype, self.attention, name=f"blocks_{i}"
+            )
             if last and select is not None:
                 x, scores, aux = block(x, return_cls_attention=True, select=select)
             else:
@@ -721,12 +385,13 @@ class Server(nn.Module):
 
     ``__call__(tokens [B, n, D])`` with any ``1 <= n <= N`` and CLS at index 0 (positions are
     embedded on the client, so dropping or reordering the other tokens needs nothing here).
-    Returns ``logits [B, num_classes]`` float32.
+    Returns ``logits [B, num_classes]`` float32 (the final norm and the head run in float32).
     """
 
     config: ViTConfig
     split_index: int
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -739,11 +404,13 @@ class Server(nn.Module):
             )
         x = tokens.astype(self.dtype)
         for i in range(self.split_index, cfg.depth):
-            x, _ = Block(cfg.num_heads, cfg.mlp_dim, self.dtype, name=f"blocks_{i}")(x)
+            block = Block(
+                cfg.num_heads, cfg.mlp_dim, self.dtype, self.attention, name=f"blocks_{i}"
+            )
+            x, _ = block(x)
         # Only the CLS token feeds the head; the final norm is per token, so apply it to CLS only.
-        x = _layer_norm("norm", self.dtype)(x[:, 0])
-        logits = _dense(cfg.num_classes, "head", self.dtype)(x)
-        return logits.astype(jnp.float32)
+        x = _layer_norm("norm", jnp.float32)(x[:, 0])
+        return _dense(cfg.num_classes, "head", jnp.float32)(x)
 
 
 def init_head(key: jax.Array, width: int, num_classes: int) -> Params:
@@ -769,17 +436,22 @@ class SplitViT:
     config: ViTConfig
     split_index: int
     dtype: Dtype = jnp.float32
+    attention: str = "auto"  # see dot_product_attention
 
     def __post_init__(self):
         _check_split(self.config, self.split_index)
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attention must be one of {ATTENTION_IMPLEMENTATIONS}; got {self.attention!r}."
+            )
 
     @property
     def client(self) -> Client:
-        return Client(self.config, self.split_index, self.dtype)
+        return Client(self.config, self.split_index, self.dtype, self.attention)
 
     @property
     def server(self) -> Server:
-        return Server(self.config, self.split_index, self.dtype)
+        return Server(self.config, self.split_index, self.dtype, self.attention)
 
     @property
     def seq_len(self) -> int:
@@ -844,7 +516,8 @@ def make_model(
     num_classes: int | None = None,
     image_size: int | None = None,
     dtype: Dtype = jnp.float32,
+    attention: str = "auto",
 ) -> SplitViT:
     """The registered model ``name`` cut after block ``split_index`` (1..L-1)."""
     config = get_model_config(name, num_classes=num_classes, image_size=image_size)
-    return SplitViT(config, split_index, dtype)
+    return SplitViT(config, split_index, dtype, attention)

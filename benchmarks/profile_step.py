@@ -17,8 +17,9 @@ sum can exceed the program's wall time (``record="program"``, the median of the 
 On a CPU with several cores an instruction's span also holds the time it waited for a core that
 another instruction held (seen: a 3 MB copy "taking" 20 ms); for times that add up to the
 program, profile on one core (``taskset -c 0 python benchmarks/profile_step.py ...``): that is
-how the slow batch reduction of the position embedding's gradient and the transposed copy in
-ADC's merge showed up (``adc_jax.vit.add_over_batch``, ``adc_jax.compress.merge``).
+how a transposed copy in ADC's merge showed up (``adc_jax.compress.merge``). On a GPU the trace's
+kernels carry the same ``hlo_op`` names, so the table says which instructions the step's time
+goes to there too.
 """
 
 from __future__ import annotations

@@ -45,13 +45,12 @@ Records (every one carries the device, versions, XLA flags and the 1-minute load
   split/fused, images/s) and ``record="target"`` (the performance targets of issue #8, met or
   not); a Markdown table on stderr (stdout with ``--summarize``).
 
-``--dtype bfloat16`` (compute dtype of the model) and ``--no-donate`` (no buffer donation) are
-there so that accelerator choices are visible in the same script; on a CPU neither helps. Records
+``--dtype bfloat16`` (compute dtype of the model), ``--attention`` (XLA's or cuDNN's attention
+kernel) and ``--no-donate`` (no buffer donation) are there so that accelerator choices are visible
+in the same script; on a CPU none helps. Records
 carry them, and the tables keep each combination (the *variant*) apart; step/Base compares within
-a variant, and the targets read the default one (float32, donated). ``--no-cpu-kernels`` turns off
-:mod:`adc_jax.cpu_kernels` (the weight gradients, attention and LayerNorm on a CPU;
-records name its state in ``cpu_kernels``); the grid runs Base that way too, beside the default.
-``benchmarks/gpu.sh`` runs the set for a GPU.
+a variant, and the targets read the default one (float32, donated). ``benchmarks/gpu.sh`` runs
+the set for a GPU.
 
 Environment: unless ``--xla-default``, the XLA CPU flags of ``common.TUNED_CPU_XLA_FLAGS`` are
 added to ``XLA_FLAGS``; the grid also runs every process (PyTorch's too) with tcmalloc preloaded
@@ -91,7 +90,7 @@ from common import (  # noqa: E402
     timed_interleaved,
 )
 
-from adc_jax import augment, cpu_kernels, split, vit  # noqa: E402
+from adc_jax import augment, split, vit  # noqa: E402
 from adc_jax.kmeans import kmeans  # noqa: E402
 from adc_jax.methods import ADC, Base, CutShape  # noqa: E402
 
@@ -111,6 +110,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed calls per phase (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (compilation)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument(
+        "--attention",
+        choices=vit.ATTENTION_IMPLEMENTATIONS,
+        default="auto",
+        help="attention of the blocks that need no CLS row (adc_jax.vit.dot_product_attention)",
+    )
     p.add_argument("--no-donate", dest="donate", action="store_false", help="no buffer donation")
     p.add_argument(
         "--no-select",
@@ -123,11 +128,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         dest="xla_tuned",
         action="store_false",
         help="JAX's default XLA flags (else common.TUNED_CPU_XLA_FLAGS are added to XLA_FLAGS)",
-    )
-    p.add_argument(
-        "--no-cpu-kernels",
-        action="store_true",
-        help="XLA's operations only (ADC_JAX_CPU_KERNELS=0: no adc_jax.cpu_kernels on a CPU)",
     )
     p.add_argument("--input", action="store_true", help="time the input path only")
     p.add_argument(
@@ -185,9 +185,9 @@ def _config(args) -> dict[str, Any]:
         "method": args.method,
         "xi": args.xi if args.method == "adc" else 1.0,
         "dtype": args.dtype,
+        "attention": args.attention,
         "donate": args.donate,
         "select_in_client": args.select,
-        "cpu_kernels": cpu_kernels.status(),
     }
 
 
@@ -208,7 +208,11 @@ def setup(args):
     """Model, protocol, fresh state and one device batch of random images and labels."""
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     model = vit.make_model(
-        args.model, split_index=args.split_index, num_classes=args.num_classes, dtype=dtype
+        args.model,
+        split_index=args.split_index,
+        num_classes=args.num_classes,
+        dtype=dtype,
+        attention=args.attention,
     )
     method = ADC(xi=args.xi) if args.method == "adc" else Base()
     protocol = split.Protocol(
@@ -518,6 +522,8 @@ def run_grid(args) -> list[dict[str, Any]]:
         str(args.warmup),
         "--dtype",
         args.dtype,
+        "--attention",
+        args.attention,
     ]
     common += [] if args.donate else ["--no-donate"]
     common += [] if args.xla_tuned else ["--xla-default"]
@@ -542,10 +548,6 @@ def run_grid(args) -> list[dict[str, Any]]:
         commands += [torch(b)] if args.torch_python else []
         commands += adc.values()
     commands += [ours("--batch", str(b), "--input") for b in args.batches]
-    # Base with XLA's products only, beside the default (adc_jax.cpu_kernels's kernel on a CPU).
-    commands += [
-        ours("--batch", str(b), "--method", "base", "--no-cpu-kernels") for b in args.batches
-    ]
     if 64 in args.batches and 0.1 in args.xis:  # the target's ratio, also measured paired
         commands.append(ours("--batch", "64", "--method", "adc", "--xi", "0.1", "--paired-base"))
     if args.torch_python and args.torch_device == "cpu":  # ours against PyTorch's, alternated
@@ -566,16 +568,16 @@ def run_grid(args) -> list[dict[str, Any]]:
 
 
 DEFAULT_VARIANT = "float32"
-XLA_ONLY = f"off: {cpu_kernels.ENV_VAR}=0"
 
 
 def variant(record) -> str:
     """The accelerator choices a record ran with, in words: ``float32`` is the default (float32
     compute, donated buffers, the ADC client's selected-token path)."""
     words = [record.get("dtype", "float32")]
+    attention = record.get("attention", "auto")
+    words += [] if attention == "auto" else [f"{attention} attention"]
     words += [] if record.get("donate", True) else ["no donation"]
     words += [] if record.get("select_in_client", True) else ["no select"]
-    words += ["XLA only"] if record.get("cpu_kernels", "").startswith(XLA_ONLY) else []
     return ", ".join(words)
 
 
@@ -762,8 +764,6 @@ def main(argv=None) -> list[dict[str, Any]]:
     if args.summarize:
         return report(args.summarize)
     configure_xla(args.xla_tuned)
-    if args.no_cpu_kernels:
-        os.environ[cpu_kernels.ENV_VAR] = "0"
     if args.grid:
         return run_grid(args)
     if args.input:

@@ -4,6 +4,7 @@ Run with an interpreter that has torch and timm (not dependencies of adc-jax)::
 
     /opt/torchenv/bin/python benchmarks/torch_step.py --batch 64 [--threads 2] [--split]
     python3 benchmarks/torch_step.py --batch 128 --device cuda --split     # on a GPU
+    python3 benchmarks/torch_step.py --batch 256 --device cuda --amp [--compile]
 
 ``phase="step"``: timm's ``deit_tiny_patch16_224`` (``pretrained=False``, ``--num-classes``
 head), forward through all blocks, cross-entropy, backward, ``Adam(1e-4)`` step — the Base step
@@ -16,11 +17,18 @@ float32 NCHW images, random labels. One JSON object per line, in the format of s
 On CUDA each timed call ends in ``torch.cuda.synchronize()`` (as ours end in
 ``block_until_ready``), and float32 matrix products may use TF32 (``--no-tf32`` to forbid it):
 XLA's default precision for float32 dots on such GPUs is TF32 too, so the two compare like for like.
+
+``--amp``: the forward passes and the loss under ``torch.autocast`` in bfloat16 (PyTorch's usual
+mixed precision: float32 parameters and optimiser, bfloat16 matrix products and attention),
+against our ``--dtype bfloat16``; records say ``dtype="bfloat16"``. ``--compile``: the model's
+forward passes (whole, client and server) through ``torch.compile`` (default mode), compiled in
+the warm-up calls; records say ``compile=true``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -55,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--no-tf32", dest="tf32", action="store_false", help="CUDA: float32 matmuls in full fp32"
     )
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (mixed precision)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the forward passes")
     return p.parse_args(argv)
 
 
@@ -101,9 +111,28 @@ def timed(fn, steps: int, warmup: int, sync=lambda: None) -> dict:
     return out
 
 
-def base_step(model, opt, images, labels):
+class Forwards:
+    """The forward passes a step calls (``torch.compile``d with ``--compile``) and the autocast
+    context they run in (``--amp``)."""
+
+    def __init__(self, model, split_index: int, device: str, amp: bool, compile_: bool):
+        wrap = torch.compile if compile_ else (lambda f: f)
+        self.model = wrap(model)
+        self.client = wrap(lambda images: client_forward(model, images, split_index))
+        self.server = wrap(lambda tokens: server_forward(model, tokens, split_index))
+        self.amp = amp
+        self.device = device
+
+    def autocast(self):
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device, dtype=torch.bfloat16)
+
+
+def base_step(fwd: Forwards, opt, images, labels):
     opt.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(images), labels)
+    with fwd.autocast():
+        loss = F.cross_entropy(fwd.model(images), labels)
     loss.backward()
     opt.step()
 
@@ -124,12 +153,14 @@ def server_forward(model, tokens, split_index):
     return model.forward_head(model.norm(x))
 
 
-def split_step(model, client_opt, server_opt, images, labels, split_index):
+def split_step(fwd: Forwards, client_opt, server_opt, images, labels):
     client_opt.zero_grad(set_to_none=True)
     server_opt.zero_grad(set_to_none=True)
-    tokens = client_forward(model, images, split_index)
+    with fwd.autocast():
+        tokens = fwd.client(images)
     received = tokens.detach().requires_grad_()  # what crosses the cut
-    loss = F.cross_entropy(server_forward(model, received, split_index), labels)
+    with fwd.autocast():
+        loss = F.cross_entropy(fwd.server(received), labels)
     loss.backward()
     server_opt.step()
     tokens.backward(received.grad)  # the gradient sent back
@@ -153,15 +184,13 @@ def split_optimizers(model, split_index):
     )
 
 
-def serve(model, opt, images, labels, split_index, sync) -> int:
+def serve(model, fwd: Forwards, opt, images, labels, split_index, sync) -> int:
     """One call per stdin line (``step``: the Base step; ``split_step``), each answered with
     ``{"phase": ..., "s": seconds}`` on stdout; returns at the end of stdin."""
     client_opt, server_opt = split_optimizers(model, split_index)
     calls = {
-        "step": lambda: base_step(model, opt, images, labels),
-        "split_step": lambda: split_step(
-            model, client_opt, server_opt, images, labels, split_index
-        ),
+        "step": lambda: base_step(fwd, opt, images, labels),
+        "split_step": lambda: split_step(fwd, client_opt, server_opt, images, labels),
     }
     for line in sys.stdin:
         phase = line.strip()
@@ -193,22 +222,24 @@ def main(argv=None):
         "batch": args.batch,
         "method": "base",
         "xi": 1.0,
-        "dtype": "float32",
+        "dtype": "bfloat16" if args.amp else "float32",
+        "compile": args.compile,
         "framework": "torch",
         **environment(args.threads, args.device),
     }
     if cuda:
         base["tf32"] = args.tf32
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, eps=1e-8)
+    fwd = Forwards(model, args.split_index, args.device, args.amp, args.compile)
     if args.serve:
-        return serve(model, opt, images, labels, args.split_index, sync)
-    result = timed(lambda: base_step(model, opt, images, labels), args.steps, args.warmup, sync)
+        return serve(model, fwd, opt, images, labels, args.split_index, sync)
+    result = timed(lambda: base_step(fwd, opt, images, labels), args.steps, args.warmup, sync)
     print(json.dumps({"record": "time", "phase": "step", **result, **base}), flush=True)
     if args.split:
         client_opt, server_opt = split_optimizers(model, args.split_index)
 
         def step():
-            split_step(model, client_opt, server_opt, images, labels, args.split_index)
+            split_step(fwd, client_opt, server_opt, images, labels)
 
         result = timed(step, args.steps, args.warmup, sync)
         print(json.dumps({"record": "time", "phase": "split_step", **result, **base}), flush=True)

@@ -2,11 +2,12 @@
 
 import importlib.util
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
-
-from adc_jax import cpu_kernels
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 PHASES = {"client_forward", "compress", "server_step", "client_backward", "step", "fused_step"}
@@ -38,7 +39,6 @@ def test_step_benchmark_prints_one_record_per_phase(step, capsys):
         assert r["method"] == "adc" and r["xi"] == 0.5
         assert r["median_s"] > 0 and r["device"].startswith("cpu") and r["jax"]
         assert (r["num_clusters"], r["num_tokens"]) == (5, 12)  # B = 8, N = 17, ξ = 0.5
-        assert r["cpu_kernels"] == cpu_kernels.status()
     (check,) = [r for r in records if r["record"] == "check"]
     assert set(check["compilations"].values()) == {1}  # no recompilation after the first step
     (memory,) = [r for r in records if r["record"] == "memory"]
@@ -47,14 +47,10 @@ def test_step_benchmark_prints_one_record_per_phase(step, capsys):
     assert ratio["split_over_fused"] > 0 and ratio["compress_over_step"] > 0
 
 
-def test_paired_base_alternates_adc_and_base_in_one_process(step, monkeypatch):
+def test_paired_base_alternates_adc_and_base_in_one_process(step):
     argv = "--model vit_test_patch4_16 --split-index 2 --num-classes 10 --batch 8 --xi 0.5"
-    monkeypatch.setenv(cpu_kernels.ENV_VAR, "1")  # --no-cpu-kernels sets it to 0; restored after
-    records = step.main(
-        [*argv.split(), "--steps", "2", "--xla-default", "--paired-base", "--no-cpu-kernels"]
-    )
-    assert all(r["cpu_kernels"] == f"off: {cpu_kernels.ENV_VAR}=0" for r in records)
-    assert step.variant(records[0]) == "float32, XLA only"
+    records = step.main([*argv.split(), "--steps", "2", "--xla-default", "--paired-base"])
+    assert step.variant(records[0]) == "float32"
     times = {r["phase"]: r for r in records if r["record"] == "paired"}
     assert set(times) == {"adc_step", "adc_fused_step", "base_step", "base_fused_step"}
     assert all(len(r["times_s"]) == 2 and r["method"] == "adc" for r in times.values())
@@ -132,14 +128,12 @@ def test_grid_summary_and_targets(step):
     assert "| 0.250 | 256 | 2.50 |" in table  # step/Base, images/s, peak GB of float32 ADC
     assert "| 64 | 0.1 | float32 | 0.310 | 0.290 |" in table
     assert "| 64 | float32 | 0.970 | 1.010 |" in table
-    # Where the kernel is off for want of a CPU (a GPU's records), the variant is the default.
-    assert step.variant({"cpu_kernels": "off: backend gpu"}) == step.DEFAULT_VARIANT
 
 
 def test_grid_runs_divided_configurations_back_to_back(step, monkeypatch):
     """Per batch: ADC at ξ = 0.1, Base, PyTorch, then the other ξ (a shared CPU drifts over
-    minutes, and these are the times the targets divide); then the input path, XLA only and the
-    paired runs."""
+    minutes, and these are the times the targets divide); then the input path and the paired
+    runs."""
     calls = []
 
     def run(command, **_):
@@ -211,25 +205,6 @@ def test_allocator_env(monkeypatch, tmp_path):
         common.allocator_env("jemalloc", {})
 
 
-def test_matmul_benchmark_times_each_product_of_a_block(capsys):
-    matmul = load("matmul")
-    argv = ["--rows", "64", "--width", "8", "--mlp-dim", "16", "--steps", "1"]
-    records = matmul.main(argv)
-    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == records
-    roles = {"forward", "input_grad", "weight_grad", "weight_grad_nn"}
-    if cpu_kernels.status().startswith("openblas"):  # the model's weight gradient on a CPU
-        roles.add("weight_grad_openblas")
-    expected = {(layer, role) for layer in matmul.LAYERS for role in roles}
-    assert {(r["layer"], r["role"]) for r in records} == expected
-    fc2 = {r["role"]: r for r in records if r["layer"] == "fc2"}
-    assert (fc2["weight_grad"]["in"], fc2["weight_grad"]["out"]) == (16, 8)
-    assert all(r["median_s"] > 0 and r["framework"] == "jax" for r in records)
-    # The table puts PyTorch beside JAX (here: a fake PyTorch record) and sums a block's products.
-    fake = {**fc2["forward"], "framework": "torch", "median_s": 0.002}
-    table = matmul.table([*records, fake])
-    assert "| forward |" in table and "/ 2.0 |" in table and "| weight_grad_nn |" in table
-
-
 def test_profile_pairs_async_ends_and_names_instructions(capsys):
     profile = load("profile_step")
     trace = [  # a synchronous fusion, and an asynchronous dot that ends 5 ms after its launch
@@ -251,6 +226,117 @@ def test_profile_pairs_async_ends_and_names_instructions(capsys):
     (program,) = [r for r in records if r["record"] == "program"]
     assert program["hlo_module"] == "jit_client_backward" and program["wall_ms"] > 0
     assert "| kind | ms |" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_gpu_script_plumbing_at_toy_sizes(tmp_path, fashion_dir):
+    """benchmarks/gpu.sh on a CPU at toy sizes (TINY=1): its PyTorch part (torch_step.py replaced
+    by a stand-in that prints its records) and its training part (the configs' :runlocal
+    variants through train.py, eval spacing, summaries collected), then the report. The step and
+    profile parts call step.py and profile_step.py, tested above in-process."""
+    fake = tmp_path / "fake_torch_python"
+    record = (
+        '{"record": "time", "phase": "%s", "median_s": 0.5, "model": "vit_test_patch4_16", '
+        '"batch": 8, "dtype": "bfloat16", "compile": \'$c\', "framework": "torch", '
+        '"device": "cuda:NVIDIA H200", "torch": "0"}'
+    )
+    echo = "".join(f"echo '{record % phase}'\n" for phase in ("step", "split_step"))
+    fake.write_text('#!/bin/sh\nc=false; case "$*" in *--compile*) c=true;; esac\n' + echo)
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "OUT": str(out),
+        "TINY": "1",
+        "TORCH_PYTHON": str(fake),
+        "DATA_DIR": str(fashion_dir),
+        "PYTHON": sys.executable,
+        "XLA_FLAGS": "",
+    }
+    done = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu.sh"), "900", "torch,train"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "FAILED" not in (out / "log.txt").read_text()
+    bench = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
+    assert sorted((r["phase"], r["compile"]) for r in bench) == [
+        ("split_step", False), ("split_step", True), ("step", False), ("step", True),
+    ]  # fmt: skip
+    runs = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert [(r["config"], r["method"]) for r in runs] == [
+        ("deit_t_fashion_mnist", "adc"),
+        ("deit_t_fashion_mnist", "base"),
+        ("vit_fashion_mnist", "adc"),
+    ]
+    assert all(0 <= r["test_accuracy"] <= 1 and r["images_per_second"] > 0 for r in runs)
+    report = (out / "report.md").read_text()
+    for line in (
+        "| PyTorch | timm, torch.compile | whole | 8 | bfloat16 | 500.00 | 16 |",
+        "| deit_t_fashion_mnist | base | 1 | vit_test_patch4_16 | float32 | 4 |",
+    ):
+        assert line in report, line
+
+
+def test_gpu_report_tables(tmp_path):
+    """The report of a GPU run, from hand-made records: ours (alternated and separate), PyTorch
+    eager and compiled, the ratios, the profile and a training run."""
+    gpu_report = load("gpu_report")
+    gpu = {"device": "gpu:NVIDIA H200", "jax": "0.11.2", "model": "deit_tiny_patch16_224"}
+    paired = {"record": "paired", "batch": 256, "method": "adc", "xi": 0.1, "dtype": "bfloat16"}
+    torch = {"record": "time", "batch": 256, "dtype": "bfloat16", "framework": "torch"}
+    torch |= {"device": "cuda:NVIDIA H200", "torch": "2.11", "model": "deit_tiny_patch16_224"}
+    bench = [
+        paired | gpu | {"phase": "adc_step", "median_s": 0.018},
+        paired | gpu | {"phase": "adc_fused_step", "median_s": 0.015},
+        paired | gpu | {"phase": "base_step", "median_s": 0.025},
+        paired | gpu | {"phase": "base_fused_step", "median_s": 0.024},
+        torch | {"phase": "step", "median_s": 0.03, "compile": False},
+        torch | {"phase": "split_step", "median_s": 0.032, "compile": False},
+        torch | {"phase": "step", "median_s": 0.02, "compile": True},
+    ]
+    profile = [
+        {"record": "op", "op": "fusion.1", "kind": "fusion", "ms": 2.0, "op_name": "x"},
+        {"record": "kind", "kind": "fusion", "ms": 2.0},
+        {"record": "program", "hlo_module": "jit_fused_step", "wall_ms": 24.0} | gpu,
+    ]
+    run = {"config": "deit_t_fashion_mnist", "method": "adc", "xi_nominal": 0.1, "steps": 9375}
+    run |= {"model": "deit_tiny_patch16_224", "compute_dtype": "bfloat16"}
+    run |= {"test_accuracy": 0.87, "images_per_second": 9000.0, "target_accuracy": 0.85}
+    run |= {"seconds_to_target": 61.2, "wall_seconds": 130.0, "device_kind": "NVIDIA H200"}
+    for name, records in (("bench", bench), ("profile", profile), ("train", [run])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = gpu_report.report([str(tmp_path)])
+    assert "| ours | Base | fused | 256 | bfloat16 | 24.00 | 10667 | 8.1% | alternated |" in text
+    assert "| ours | ADC ξ=0.1 | split | 256 | bfloat16 | 18.00 | 14222 | – |" in text  # no MFU
+    assert "| PyTorch | timm, eager | whole | 256 | bfloat16 | 30.00 | 8533 | 6.5% |" in text
+    assert "our Base fused step / PyTorch (timm, eager, AMP) whole step, time: **0.800**" in text
+    assert "PyTorch (timm, torch.compile, AMP) whole step, time: **1.200**" in text
+    assert "ADC ξ=0.1 split step / Base split step (alternated in one process): **0.720**" in text
+    assert "Base: split / fused step: **1.042**" in text
+    assert "`jit_fused_step` (" in text and "| 2.000 | fusion | fusion.1 | x |" in text
+    assert "| 0.8700 | 9000 | 61 (≥ 0.85) | 130 | NVIDIA H200 |" in text
+
+
+def test_gpu_report_flops_and_mfu():
+    gpu_report = load("gpu_report")
+    from adc_jax import vit
+
+    # DeiT-Tiny: 2.5 GFLOP forward per 224 px image (timm's 1.26 GMACs), 3× for a training step.
+    assert gpu_report.train_flops(vit.MODELS["deit_tiny_patch16_224"]) / 1e9 == pytest.approx(
+        7.52, abs=0.01
+    )
+    records = [
+        {"record": "time", "phase": "fused_step", "median_s": 0.1, "batch": 1000, "method": "base"}
+        | {"xi": 1.0, "dtype": "bfloat16", "model": "deit_tiny_patch16_224"}
+        | {"device": "gpu:NVIDIA H200"}
+    ]
+    table = "\n".join(gpu_report.step_table(records, None))
+    # 10 000 images/s × 7.52 GFLOP = 75.2 TFLOP/s of the H200's 989.4: 7.6 %.
+    assert "| ours | Base | fused | 1000 | bfloat16 | 100.00 | 10000 | 7.6% |" in table
 
 
 def test_no_benchmark_script_shadows_a_standard_module():

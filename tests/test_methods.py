@@ -5,6 +5,7 @@ Every new shape is an XLA compilation, so the tests share one cut (B = 8, N = 5,
 and one jitted encode → decode per method.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -17,6 +18,7 @@ import pytest
 from adc_jax import split
 from adc_jax.defaults import default_config
 from adc_jax.methods import (
+    ADC,
     C3SL,
     METHODS,
     BottleNet,
@@ -28,6 +30,7 @@ from adc_jax.methods import (
     TopK,
     make_method,
     method_from_config,
+    payload_shapes,
     step_cost,
 )
 from adc_jax.methods.c3sl import circular_conv, circular_corr, make_keys
@@ -121,6 +124,24 @@ def test_registry_builds_every_method_from_the_default_config(name):
     hash(method)  # a static argument of jit
     with pytest.raises(ValueError, match="Bad options"):
         make_method(name, no_such_option=1)
+
+
+# ---- Compute dtype -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [*METHOD_CASES, "adc"])
+def test_payload_keeps_the_tokens_dtype_and_bytes_follow_it(name):
+    """Under mixed precision each method sends its activations (and gets the gradient) in the
+    tokens' dtype; values in that dtype cost half as much in bfloat16 as in float32."""
+    method = METHOD_CASES.get(name, ADC(xi=0.25))
+    half = dataclasses.replace(CUT, dtype=jnp.bfloat16)
+    assert payload_shapes(method, half).activations.dtype == jnp.bfloat16
+    assert payload_shapes(method, CUT).activations.dtype == jnp.float32
+    full_cost, half_cost = step_cost(method, CUT), step_cost(method, half)
+    ratio = 1 if name == "quantize" else 2  # n-bit codes whatever the dtype
+    assert full_cost.downlink["gradient"] == ratio * half_cost.downlink["gradient"]
+    if "activations" in full_cost.uplink:  # FedLite sends a codebook and codes instead
+        assert full_cost.uplink["activations"] == ratio * half_cost.uplink["activations"]
 
 
 # ---- C3-SL -------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import optax
 import pytest
 from split_kit import B, C, assert_trees_close, fresh_state, make_protocol
 
-from adc_jax import compression_plan, split
+from adc_jax import compression_plan, split, vit
 from adc_jax.link import Channel, awgn, link, uniform_quantize
 from adc_jax.methods import ADC, Base, CutShape, step_cost
 
@@ -91,6 +91,28 @@ def test_per_client_mode_runs_and_accounting_sums_clients(model, params, batch):
     assert four.uplink["activations"] == 4 * 2 * k * model.width * 4
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [Base(), ADC(xi=0.25)], ids=["base", "adc"])
+def test_bfloat16_step_sends_a_bfloat16_payload(method, params, batch):
+    """Mixed precision: bfloat16 tokens cross the cut (and their gradient comes back in
+    bfloat16); parameters, optimiser state and the loss stay float32; bytes follow the dtype."""
+    model = vit.make_model("vit_test_patch4_16", split_index=2, num_classes=C, dtype=jnp.bfloat16)
+    protocol = make_protocol(model, method)
+    programs = split.jit_programs(protocol)
+    state = fresh_state(protocol, model, params)
+    payload, vjp = programs.client_forward(state, batch)
+    assert payload.activations.dtype == jnp.bfloat16
+    _, grad, metrics = programs.server_step(state.server, state.method_state, payload)
+    assert grad.dtype == jnp.bfloat16 and metrics["loss"].dtype == jnp.float32
+    state, metrics = programs.fused_step(fresh_state(protocol, model, params), batch)
+    assert np.isfinite(float(metrics["loss"]))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.client))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.server))
+    cost = step_cost(method, CutShape(B, model.seq_len, model.width, C, jnp.bfloat16))
+    assert cost.uplink["activations"] == payload.activations.size * 2
+    assert cost.downlink["gradient"] == grad.size * 2
+
+
 def test_batch_not_divisible_by_devices_is_a_clear_error(batch):
     with pytest.raises(ValueError, match=r"Batch size \(16\) must be divisible .* \(3\)"):
         split.shard_batch(batch, jax.devices()[:3])
@@ -133,6 +155,24 @@ def test_bytes_equal_the_closed_form(b, n, d, c, xi, channel, bits):
         (activations + t * c * 4) / (reference + label_bytes) + activations / reference
     )
     assert adc.xi_measured == pytest.approx(expected_xi)
+
+
+def test_bfloat16_payload_bytes_are_half_of_float32():
+    """Activations and gradients are counted in the compute dtype: a bfloat16 model sends half
+    the bytes of a float32 one (labels unchanged); the dense reference of ξ_measured is Base in
+    the same dtype, so Base stays at 1 and ADC's ratio barely moves (its soft labels stay f32)."""
+    f32 = CutShape(128, 197, 192, 100)
+    bf16 = CutShape(128, 197, 192, 100, jnp.bfloat16)
+    for method in (Base(), ADC(xi=0.1)):
+        full, half = step_cost(method, f32), step_cost(method, bf16)
+        assert half.uplink["activations"] * 2 == full.uplink["activations"]
+        assert half.downlink["gradient"] * 2 == full.downlink["gradient"]
+        assert half.uplink["labels"] == full.uplink["labels"]
+    assert step_cost(Base(), bf16).xi_measured == 1.0
+    assert step_cost(Base(), bf16, Channel("bfloat16"), Channel("bfloat16")).xi_measured == 1.0
+    assert step_cost(Base(), f32, Channel("bfloat16"), Channel("bfloat16")).xi_measured < 0.51
+    adc = step_cost(ADC(xi=0.1), bf16).xi_measured
+    assert adc == pytest.approx(step_cost(ADC(xi=0.1), f32).xi_measured, rel=0.05)
 
 
 # ---- The link ---------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -67,6 +68,7 @@ def test_fashion_mnist_run_writes_metrics_summary_and_checkpoints(tiny, tmp_path
     ):
         assert key in summary
     assert summary["steps"] == 6 and summary["method"] == "adc"
+    assert summary["compute_dtype"] == "float32" and summary["images_per_second"] > 0  # CPU: auto
     assert 0.0 <= summary["test_accuracy"] <= 1.0
     assert summary["samples_equivalent"] == pytest.approx(6 * 0.25 * 16)
     with open(tmp_path / "summary.json") as f:
@@ -189,3 +191,41 @@ def test_every_method_trains_through_train_py(tiny, tmp_path):
         assert 0.0 <= summary["test_accuracy"] <= 1.0
         assert cls.active_at_eval == (name == "bottlenet")
         assert summary["bytes_up"] > 0 and summary["bytes_down"] > 0
+
+
+def test_compute_dtype_auto_follows_the_platform():
+    assert train.compute_dtype("auto", "cpu") == np.float32
+    assert train.compute_dtype("auto", "gpu") == train.compute_dtype("auto", "tpu") == jnp.bfloat16
+    assert train.compute_dtype("float32", "tpu") == np.float32
+    assert train.compute_dtype("bfloat16", "cpu") == jnp.bfloat16
+    with pytest.raises(ValueError, match="model.dtype must be auto, float32 or bfloat16"):
+        train.compute_dtype("float16")
+
+
+def test_speed_and_seconds_to_target_from_metrics_rows(tmp_path):
+    rows = [
+        {"step": 2, "loss": 2.0, "images_per_second": 10.0},  # the first row holds compilation
+        {"step": 4, "loss": 1.5, "images_per_second": 100.0},
+        {"step": 4, "test_accuracy": 0.6, "wall_seconds": 30.0},
+        {"step": 6, "loss": 1.0, "images_per_second": 110.0},
+        {"step": 6, "test_accuracy": 0.8, "wall_seconds": 50.0},
+        {"step": 8, "test_accuracy": 0.9, "wall_seconds": 70.0},
+    ]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert train._speed(str(path), 0.0) == {"images_per_second": 100.0}
+    assert train._speed(str(path), 0.75)["seconds_to_target"] == 50.0
+    assert train._speed(str(path), 0.95)["seconds_to_target"] is None
+
+
+def test_deit_tiny_fashion_mnist_config():
+    """DeiT-Tiny at 224 px on the 28 px grey images: setup() tiles them to RGB and resizes on
+    the device (the :runlocal variant runs that path in tests/test_benchmarks.py)."""
+    c = load_config("deit_t_fashion_mnist")
+    model = (c.model.name, c.model.split_index, c.model.dtype)
+    assert model == ("deit_tiny_patch16_224", 3, "auto")
+    run = (c.dataset.name, c.method.name, c.method.xi, c.target_accuracy)
+    assert run == ("fashion_mnist", "adc", 0.1, 0.8)
+    assert load_config("deit_t_fashion_mnist", "runlocal").model.name == "vit_test_patch4_16"
+    with pytest.raises(ValueError, match="expected 'runlocal'"):
+        load_config("deit_t_fashion_mnist", "full")

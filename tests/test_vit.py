@@ -231,23 +231,80 @@ def test_gradients_reach_both_halves_but_not_through_scores(split_runs, images):
     assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(score_grads))
 
 
-def test_add_over_batch_gradients_equal_the_broadcast_sum():
-    x = jax.random.normal(jax.random.key(0), (5, 7, 3))
-    y = jax.random.normal(jax.random.key(1), (1, 7, 3))
+# ---- attention: the two forms of the blocks ------------------------------------------------------
 
-    def loss(add, x, y):
-        return jnp.sum(jnp.sin(add(x, y)) * jnp.arange(3.0))
 
-    ours = jax.jit(jax.grad(lambda x, y: loss(vit.add_over_batch, x, y), (0, 1)))(x, y)
-    plain = jax.grad(lambda x, y: loss(jnp.add, x, y), (0, 1))(x, y)
-    for a, b in zip(ours, plain, strict=True):
-        assert a.shape == b.shape
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-    bf16 = jax.grad(lambda y: loss(vit.add_over_batch, x.astype(jnp.bfloat16), y))(
-        y.astype(jnp.bfloat16)
-    )
-    assert bf16.dtype == jnp.bfloat16
-    np.testing.assert_allclose(bf16.astype(jnp.float32), plain[1], rtol=0.05, atol=0.05)
-    for bad in (y[0], y.astype(jnp.bfloat16)):
-        with pytest.raises(ValueError, match=r"y must be \[1, \*x.shape\[1:\]\] of x's dtype"):
-            vit.add_over_batch(x, bad)
+def grads(fn, *args):
+    """Value and the vjp of a random cotangent (one jitted program), for comparing two
+    implementations."""
+
+    def value_and_vjp(*args):
+        out, vjp = jax.vjp(fn, *args)
+        cot = jax.tree.map(lambda o: jax.random.normal(jax.random.key(9), o.shape, o.dtype), out)
+        return out, vjp(cot)
+
+    return jax.jit(value_and_vjp)(*args)
+
+
+def assert_close(a, b, rtol=1e-5, atol=1e-6):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def _softmax_einsum(q, k, v):
+    """The textbook form: ``[B, n, H, hd]`` queries, ``[B, N, H, hd]`` keys and values."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v), probs[:, :, 0].mean(axis=1)
+
+
+@pytest.mark.parametrize("num_queries", [9, 3, 1])  # all rows; the selected-rows form; CLS only
+def test_attention_equals_softmax_einsum(num_queries):
+    keys = jax.random.split(jax.random.key(3), 3)
+    q = jax.random.normal(keys[0], (2, num_queries, 3, 8))
+    k, v = (2 * jax.random.normal(key, (2, 9, 3, 8)) for key in keys[1:])
+    reference = grads(_softmax_einsum, q, k, v)
+    (out, row), g = grads(vit.attention_with_cls_row, q, k, v)
+    assert out.shape == (2, num_queries, 3, 8) and row.shape == (2, 9)
+    np.testing.assert_allclose(row.sum(-1), 1.0, rtol=1e-6)
+    assert_close((out, row), reference[0])
+    assert_close(g, reference[1], rtol=1e-4, atol=1e-5)
+    fused = lambda q, k, v: vit.dot_product_attention(q, k, v)
+    assert_close(grads(fused, q, k, v), grads(lambda *a: _softmax_einsum(*a)[0], q, k, v))
+
+
+def test_block_gives_the_same_output_with_and_without_the_cls_row():
+    """The last client block (einsums, returns the row) and every other block
+    (``jax.nn.dot_product_attention``) compute the same function, gradients included."""
+    block = vit.Block(CONFIG.num_heads, CONFIG.mlp_dim)
+    x = jax.random.normal(jax.random.key(4), (2, 17, 32))
+    params = block.init(jax.random.key(5), x)
+
+    def run(with_row):
+        return lambda p, x: block.apply(p, x, with_row)[0]
+
+    assert_close(grads(run(True), params, x), grads(run(False), params, x), rtol=1e-5, atol=1e-6)
+    _, row = block.apply(params, x, True)
+    assert row.shape == (2, 17) and block.apply(params, x)[1] is None
+
+
+def test_attention_choice_on_this_backend():
+    """On a CPU "auto" is XLA's attention (cuDNN's kernel is a GPU custom call), even in
+    bfloat16; an unknown choice fails when the model is built."""
+    q = jnp.ones((1, 5, 2, 8), jnp.bfloat16)
+    lowered = jax.jit(vit.dot_product_attention).lower(q, q, q).as_text()
+    assert "custom_call" not in lowered and "dot_general" in lowered
+    with pytest.raises(ValueError, match=r"attention must be one of \('auto', 'xla', 'cudnn'\)"):
+        vit.make_model(NAME, split_index=2, attention="flash")
+
+
+def test_bfloat16_gradients_keep_the_input_dtype():
+    """A bfloat16 model's gradients (what the server sends back) stay bfloat16; parameter
+    gradients are float32, like the parameters."""
+    model = vit.make_model(NAME, split_index=2, dtype=jnp.bfloat16)
+    params = model.init(jax.random.key(6))
+    tokens = jnp.ones((2, 17, 32), jnp.bfloat16)
+    loss = lambda p, t: model.apply_server(p, t).sum()
+    param_grads, token_grad = jax.jit(jax.grad(loss, (0, 1)))(params["server"], tokens)
+    assert token_grad.dtype == jnp.bfloat16
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(param_grads))

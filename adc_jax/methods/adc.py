@@ -9,12 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from adc_jax.compress import CompressionPlan, cluster, compress, compression_plan, merge
-from adc_jax.methods.core import CutShape, Method, Payload
-
-
-def axis_size(axis_name: str | None) -> int:
-    """Number of devices along ``axis_name`` (1 without one); a Python int under pmap."""
-    return 1 if axis_name is None else jax.lax.psum(1, axis_name)
+from adc_jax.methods.core import CutShape, Method, Payload, axis_size
 
 
 @dataclasses.dataclass(frozen=True)

@@ -69,7 +69,8 @@ class BottleNet(Method):
     """Per-token MLP autoencoder: client encoder ``D → h → D′``, server decoder ``D′ → h → D``.
 
     Parameters: ``{"client": encoder params, "server": decoder params}`` (Flax ``fc1``/``fc2``
-    Dense trees). Payload: activations ``[B, N, D′]`` float32 codes, labels ``[B]`` indices.
+    Dense trees). Payload: activations ``[B, N, D′]`` codes in the tokens' dtype, labels ``[B]``
+    indices.
     """
 
     name: ClassVar[str] = "bottlenet"
@@ -115,6 +116,8 @@ class BottleNet(Method):
     def encode(self, params, state, tokens, scores, labels, key, *, num_classes, axis_name=None):
         del state, scores, key, axis_name  # per token: nothing couples samples
         code = self.encoder(tokens.shape[-1]).apply({"params": params}, tokens)
+        # Sent in the tokens' dtype (the float32 parameters would promote bfloat16 tokens).
+        code = code.astype(tokens.dtype)
         return Payload(code, labels.astype(label_dtype(num_classes)), {})
 
     def decode(self, params, state, payload):

@@ -9,7 +9,10 @@ A method decides what the client sends across the cut and how the server reads i
 * ``decode`` (server side) turns the payload back into tokens ``[M, n, D]`` for the server blocks.
 * ``targets`` gives the server's soft targets ``[M, C]``.
 * ``uplink_bytes`` / ``downlink_bytes`` count what crosses the cut, per part, from the payload's
-  shapes and dtypes and the link's channel.
+  shapes and dtypes and the link's channel. Activations and their gradients travel in the
+  model's compute dtype (:attr:`CutShape.dtype`: float32, or bfloat16 under mixed precision), so
+  a bfloat16 model sends half the bytes per value; labels and side information keep their own
+  dtypes.
 * ``xi_paper`` is the paper-compatible compression ratio, and ``active_at_eval`` says whether the
   method stays on at evaluation (only BottleNet++, whose autoencoder is part of the model).
 * ``selector`` (optional, default none) lets a method that keeps only some tokens per sample,
@@ -47,12 +50,19 @@ class Payload(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class CutShape:
-    """Static sizes at the cut for one client (one program's view of the batch)."""
+    """Static sizes at the cut for one client (one program's view of the batch), and the dtype of
+    the client's tokens (the model's compute dtype), which the payload's activations keep."""
 
     batch_size: int  # B seen by this client (the global batch in the default mode)
     seq_len: int  # N, CLS included
     width: int  # D
     num_classes: int  # C
+    dtype: Any = jnp.float32  # the tokens' dtype: float32, or bfloat16 under mixed precision
+
+
+def axis_size(axis_name: str | None) -> int:
+    """Number of devices along ``axis_name`` (1 without one); a Python int under pmap."""
+    return 1 if axis_name is None else jax.lax.psum(1, axis_name)
 
 
 def label_dtype(num_classes: int):
@@ -174,18 +184,20 @@ class Method:
         return {"gradient": channel.wire_bytes(act.shape, act.dtype)}
 
 
-def dense_bytes(cut: CutShape, dtype=jnp.float32) -> int:
-    """One direction of the uncompressed reference: ``B·N·D`` values of ``dtype``."""
-    return nbytes((cut.batch_size, cut.seq_len, cut.width), dtype)
-
-
 @dataclasses.dataclass(frozen=True)
 class StepCost:
-    """What one training step sends across the cut, per direction, in bytes (all clients)."""
+    """What one training step sends across the cut, per direction, in bytes (all clients).
+
+    The dense reference of :attr:`xi_measured` is the ``base`` method on the same cut, in the same
+    compute dtype, over an identity link: what this model would send uncompressed. So the measured
+    ratio is the method's own compression (ADC's is almost the same for a float32 and a bfloat16
+    model, whose bytes are half), while a lossy link (``bfloat16``, ``int8``, ...) counts as
+    compression.
+    """
 
     uplink: dict[str, int]  # bytes by part (activations, labels, indices, ...)
     downlink: dict[str, int]
-    dense_uplink: int  # the base method's uplink for the same batch (activations + labels)
+    dense_uplink: int  # the base method's uplink for the same cut and dtype (activations + labels)
     dense_downlink: int
     xi_paper: float  # the paper-compatible ratio (ADC_SPEC §3, §5)
     batch_size: int  # samples per step over all clients
@@ -212,7 +224,7 @@ class StepCost:
 def payload_shapes(method: Method, cut: CutShape) -> Payload:
     """Shapes and dtypes of one client's payload, without computing anything."""
     params, state = jax.eval_shape(lambda k: method.init(k, cut), jax.random.key(0))
-    tokens = jax.ShapeDtypeStruct((cut.batch_size, cut.seq_len, cut.width), jnp.float32)
+    tokens = jax.ShapeDtypeStruct((cut.batch_size, cut.seq_len, cut.width), cut.dtype)
     scores = jax.ShapeDtypeStruct((cut.batch_size, cut.seq_len), jnp.float32)
     labels = jax.ShapeDtypeStruct((cut.batch_size,), jnp.int32)
 
@@ -235,7 +247,8 @@ def step_cost(
     """Exact bytes per step for ``clients`` clients that each see ``cut`` (ADC_SPEC §3).
 
     Computed from the shapes and dtypes of what :meth:`Method.encode` returns for one client's
-    whole batch, with the channels' wire formats; multiplied by the number of clients.
+    whole batch of ``cut.dtype`` tokens, with the channels' wire formats; multiplied by the number
+    of clients. The dense reference is :class:`StepCost`'s.
     """
     payload = payload_shapes(method, cut)
     dense = payload_shapes(Method(), cut)

@@ -33,8 +33,7 @@ import jax.numpy as jnp
 
 from adc_jax.kmeans import kmeans
 from adc_jax.link import Channel, nbytes
-from adc_jax.methods.adc import axis_size
-from adc_jax.methods.core import CutShape, Method, Payload, Unreachable, label_dtype
+from adc_jax.methods.core import CutShape, Method, Payload, Unreachable, axis_size, label_dtype
 
 
 def reconstruct(codebook: jax.Array, codes: jax.Array, seq_len: int, width: int) -> jax.Array:
