@@ -369,9 +369,7 @@ class Client(nn.Module):
         scores = aux = None
         for i in range(self.split_index):
             last = i == self.split_index - 1
-            block = Block(
-                cfg.num_heads, cfg.mlp_dim, self.dtype, self.attention, name=f"blocks_{i}"
-            )
+            block = _block(cfg, i, self.dtype, self.attention)
             if last and select is not None:
                 x, scores, aux = block(x, return_cls_attention=True, select=select)
             else:
@@ -404,10 +402,7 @@ class Server(nn.Module):
             )
         x = tokens.astype(self.dtype)
         for i in range(self.split_index, cfg.depth):
-            block = Block(
-                cfg.num_heads, cfg.mlp_dim, self.dtype, self.attention, name=f"blocks_{i}"
-            )
-            x, _ = block(x)
+            x, _ = _block(cfg, i, self.dtype, self.attention)(x)
         # Only the CLS token feeds the head; the final norm is per token, so apply it to CLS only.
         x = _layer_norm("norm", jnp.float32)(x[:, 0])
         return _dense(cfg.num_classes, "head", jnp.float32)(x)
