@@ -175,7 +175,7 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict, cost) -> dict
     diverged = _read_json(os.path.join(workdir, DIVERGED_FILE))
     if diverged is not None:
         raise RunDiverged(
-            f"{workdir} holds a run that diverged: {diverged['message']} It is not resumed or "
+            f"{workdir} holds a run that diverged. {diverged['message']} It is not resumed or "
             "summarised again. Start the changed experiment in another --workdir; or, to continue "
             "this one from its last (finite) checkpoint with new settings, delete "
             f"{os.path.join(workdir, DIVERGED_FILE)} and name the changed fields in "
@@ -209,8 +209,8 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict, cost) -> dict
         )
         raise WorkdirMismatch(
             f"{workdir} holds another experiment; these fields differ from its {RUN_FILE}:\n"
-            f"{lines}\nResuming would mix two experiments. Use another --workdir (the default "
-            "one is named after these fields), or, to continue this run with the new values, "
+            f"{lines}\nResuming would mix two experiments. Use another --workdir (without one, "
+            "every setting gets its own), or, to continue this run with the new values, "
             f"name them in --config.allow_changes (e.g. --config.allow_changes={','.join(refused)}"
             "); a longer budget is --config.allow_changes=budget."
         )
@@ -236,11 +236,8 @@ def _cost_text(cost: dict[str, float]) -> str:
 def record_run(
     workdir: str, record: dict[str, Any], config: ml_collections.ConfigDict, start: int
 ) -> None:
-    """Writes ``run.json`` and ``config.json`` (process 0 calls it once the run is accepted).
-
-    A run that has steps left drops a ``summary.json`` of an earlier, shorter budget: it would
-    report the old result as this run's.
-    """
+    """Writes ``run.json`` and ``config.json`` (process 0, once the run is accepted and its
+    checkpoint, if any, restored at step ``start``)."""
     if record["changes"] and "step" not in record["changes"][-1]:
         record["changes"][-1]["step"] = start
     _write_json(os.path.join(workdir, RUN_FILE), record)
@@ -249,6 +246,8 @@ def record_run(
 
 
 def drop_summary(workdir: str) -> None:
+    """Removes ``summary.json``: a run with steps left (a longer budget) must not keep reporting
+    the result of its earlier, shorter one."""
     try:
         os.remove(os.path.join(workdir, "summary.json"))
     except FileNotFoundError:
@@ -263,7 +262,7 @@ def mark_diverged(workdir: str, bad_step: int, seen_at: int, last_checkpoint: in
         else "no checkpoint was written"
     )
     message = (
-        f"the loss, gradients or parameters were not finite at step {bad_step} (seen at step "
+        f"The loss, gradients or parameters were not finite at step {bad_step} (seen at step "
         f"{seen_at}); nothing from then on was saved, and {kept}."
     )
     record = {"bad_step": bad_step, "seen_at": seen_at, "last_checkpoint": last_checkpoint}
@@ -400,11 +399,14 @@ def explain(error: BaseException) -> str:
 # ---- Test hook --------------------------------------------------------------------------------
 
 
-def fault_point(where: str, step: int) -> None:
+def fault_point(where: str, step: int, before: Callable[[], Any] | None = None) -> None:
     """``ADC_JAX_TEST_KILL=<where>:<step>`` makes this process SIGKILL itself here.
 
     For the fault-injection test (tests/test_runs.py): ``step:<n>`` after step ``n`` was
-    dispatched, ``save:<n>`` while the checkpoint of step ``n`` is being written. Unset: nothing.
+    dispatched and handled, ``save:<n>`` while the checkpoint of step ``n`` is being written,
+    ``saved:<n>`` once it is complete (``before`` waits for it). Unset: nothing happens.
     """
     if os.environ.get("ADC_JAX_TEST_KILL") == f"{where}:{step}":
+        if before is not None:
+            before()
         os.kill(os.getpid(), signal.SIGKILL)

@@ -382,6 +382,7 @@ class Checkpoints:
             raise self._write_error(e) from None
         self._saving = step
         runs.fault_point("save", step)
+        runs.fault_point("saved", step, before=self._manager.wait_until_finished)
 
     def _write_error(self, error: Exception) -> runs.CheckpointError:
         step = f"step {self._saving} or later" if self._saving is not None else "a step"
@@ -546,6 +547,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start_time = time.time()
     exp = setup(config)
     schedule, cost = exp.schedule, exp.cost
+    train_source = open_data(config, "train")
     record = runs.check_workdir(workdir, config, cost)
     os.makedirs(workdir, exist_ok=True)
     checkpoints = Checkpoints(workdir, schedule.checkpoint_every)
@@ -572,7 +574,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer = MetricsWriter(workdir, start)
     step_fn = exp.programs.fused_step if config.fused_step else exp.programs.split_step
     batches = data_lib.TrainIterator(
-        open_data(config, "train"),
+        train_source,
         batch_size=config.batch_size,
         seed=config.seed,
         start_step=start,
@@ -591,7 +593,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             message = f"The loss, gradients or parameters were not finite at step {bad_step}."
             if jax.process_index() == 0:
                 message = runs.mark_diverged(workdir, bad_step, seen_at, saved)
-                message = message[0].upper() + message[1:]
             raise runs.RunDiverged(
                 f"{message} Lower optimizer.learning_rate (now {config.optimizer.learning_rate:g}) "
                 f"or check the data, and start again in another --workdir (docs/runs.md)."
@@ -640,7 +641,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     save(step)
                 runs.fault_point("step", step)
                 progress.update(1)
-                if stop.requested(step):
+                if stop.requested(step) and not last:  # at the last step, finishing is quicker
                     if saved != step:
                         save(step)
                     checkpoints.close()
