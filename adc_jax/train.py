@@ -328,11 +328,9 @@ class Checkpoints:
 
     def _check_fits(self, step: int, stored, target: split.TrainState) -> None:
         """Lists missing, unexpected and mismatched arrays instead of orbax's tracebacks."""
-        have = {x.name: (tuple(x.shape), np.dtype(x.dtype).name) for x in jax.tree.leaves(stored)}
-        want = {
-            name: (tuple(np.shape(x)), np.dtype(x.dtype).name)
-            for name, x in _named_leaves(target).items()
-        }
+        spec = lambda x: f"{np.dtype(x.dtype).name}{list(np.shape(x))}"  # float32[32, 10]
+        have = {x.name: spec(x) for x in jax.tree.leaves(stored)}
+        want = {name: spec(x) for name, x in _named_leaves(target).items()}
         problems = []
         for label, names in (
             ("missing", sorted(set(want) - set(have))),

@@ -164,6 +164,23 @@ def test_other_split_is_refused_and_an_allowed_one_lists_what_does_not_fit(tiny,
 
 
 @pytest.mark.slow
+def test_a_checkpoint_of_other_shapes_is_listed_not_restored(tiny, workdir):
+    target = train.setup(tiny).initial_state
+    kernel = target.server.params["model"]["head"]["kernel"]
+    params = {**target.server.params["model"], "head": {"kernel": kernel[:, :5], "bias": None}}
+    server = target.server._replace(params={**target.server.params, "model": params})
+    with pytest.raises(runs.CheckpointError) as e:
+        train.Checkpoints(str(workdir), 1).restore(target._replace(server=server))
+    assert "missing" not in str(e.value)
+    width, classes = kernel.shape
+    assert (
+        f"server.params.model.head.kernel is float32[{width}, {classes}] in the file, "
+        f"float32[{width}, 5] now"
+    ) in str(e.value)
+    assert "unexpected: server.params.model.head.bias" in str(e.value)
+
+
+@pytest.mark.slow
 def test_max_steps_below_the_checkpoint_is_refused(tiny, workdir):
     tiny.budget.max_steps = 4  # not an identity field, but the run is already at step 6
     with pytest.raises(runs.RunError, match=r"already at step 6, past the 4 steps"):
@@ -291,7 +308,7 @@ def command(workdir, overrides):
 def subprocess_env(**extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("ADC_JAX_")}
     env["PYTHONPATH"] = ROOT
-    # The session's compilation cache (tests/conftest.py): the processes compile nothing new.
+    # This test run's compilation cache (tests/conftest.py): the processes compile nothing new.
     env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     return {**env, **extra}
