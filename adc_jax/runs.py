@@ -106,7 +106,8 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
 def allowed_changes(config: ml_collections.ConfigDict) -> list[str]:
     """``config.allow_changes`` as a list: fields (``optimizer.learning_rate``) or sections
     (``budget``, every field under it)."""
-    return [name.strip() for name in str(config.allow_changes).split(",") if name.strip()]
+    names = str(config.get("allow_changes", "")).split(",")
+    return [name.strip() for name in names if name.strip()]
 
 
 def _is_allowed(field: str, allowed: list[str]) -> bool:
@@ -318,8 +319,11 @@ class StopSignals:
         if self.multiprocess:
             from jax.experimental import multihost_utils
 
-            if multihost_utils.reached_preemption_sync_point(step):
-                self.signum = signal.SIGTERM
+            try:
+                if multihost_utils.reached_preemption_sync_point(step):
+                    self.signum = signal.SIGTERM
+            except RuntimeError:  # jax_enable_preemption_service is off: SIGTERM just ends it
+                self.multiprocess = False
         return self.signum is not None
 
 
