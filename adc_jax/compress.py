@@ -25,7 +25,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from adc_jax.kmeans import kmeans
+from adc_jax.kmeans import check_stopping, kmeans, static_int
 
 # Guards int(r·B) against float error such as 0.29 * 100 = 28.999999999999996.
 _EPS = 1e-9
@@ -128,6 +128,9 @@ def _check_ratio(name: str, value: float) -> None:
 
 
 def check_sizes(batch_size: int, seq_len: int, num_clusters: int, num_tokens: int) -> None:
+    """Raises a TypeError unless ``T`` and ``k`` are ints, a ValueError unless they are in range."""
+    num_clusters = static_int("num_clusters", num_clusters)
+    num_tokens = static_int("num_tokens", num_tokens)
     if not 2 <= num_clusters <= batch_size:
         raise ValueError(
             f"num_clusters ({num_clusters}) must satisfy 2 <= T <= batch size ({batch_size})."
@@ -220,24 +223,30 @@ def compress(
       tokens: ``[B, N, D]`` client output; index 0 of the token axis is CLS.
       scores: ``[B, N]`` head-averaged CLS attention row of the last client block (CLS→CLS
         included). Only used to cluster and rank; never differentiated.
-      num_clusters: static ``T``, ``2 <= T <= B``.
-      num_tokens: static ``k``, ``1 <= k <= N``, CLS included.
+      num_clusters: static ``T``, a Python int with ``2 <= T <= B``.
+      num_tokens: static ``k``, a Python int with ``1 <= k <= N``, CLS included.
       key: PRNG key for the K-means initialisation. Same key, same inputs: same output.
       labels: optional ``[B, C]`` one-hot or probability rows.
-      max_iters: static cap on Lloyd iterations (reference: 50).
-      tol: convergence threshold on the squared total centre shift (reference: 1e-4).
+      max_iters: static int cap on Lloyd iterations, ``>= 1`` (reference: 50).
+      tol: convergence threshold on the squared total centre shift, ``>= 0`` (reference: 1e-4).
       axis_name: when set, the call runs under ``pmap``/``shard_map`` with this named axis and
         each device passes its own slice of one global batch (``B`` is then the global batch
         size). Scores are all-gathered, every device runs the same K-means, and per-cluster
         partial sums are summed across devices; every device returns the same full output and
         ``assignment`` covers the global batch. Gradients sum the cotangents that all devices
-        put on the merged output (each device may use a different share of it).
+        put on the merged output (each device may use a different share of it). The K-means
+        initialisation uses the key of the axis' first device on every device, so the devices
+        agree whatever keys they pass (e.g. ``jax.random.split(key, n_devices)``).
 
     Returns:
       A :class:`Compressed`. Differentiable with respect to ``tokens`` (and ``labels``): the
       gradient of a merged token is divided by the cluster size and scattered back to its
       members' kept positions; dropped tokens get zero. K-means, the scores and the token indices
       carry no gradient. Works under ``jit`` (sizes static), ``vmap`` and ``pmap``.
+
+    Raises:
+      TypeError: ``num_clusters``, ``num_tokens`` or ``max_iters`` is not an int.
+      ValueError: a shape does not match, a count is out of range, or ``tol`` is NaN or < 0.
     """
     if tokens.ndim != 3:
         raise ValueError(f"tokens must be [B, N, D]; got shape {tokens.shape}.")
@@ -315,11 +324,13 @@ def cluster(
     if scores.ndim != 2:
         raise ValueError(f"scores must be [B, N]; got shape {scores.shape}.")
     local_batch, seq_len = scores.shape
+    max_iters = check_stopping(max_iters, tol)
 
     # ---- Gather the global batch of scores (no-op on one device) -------------------------
     all_scores = jax.lax.stop_gradient(scores)
     if axis_name is not None:
         all_scores = jax.lax.all_gather(all_scores, axis_name, tiled=True)
+        key = first_device_key(key, axis_name)
     check_sizes(all_scores.shape[0], seq_len, num_clusters, num_tokens)
 
     # ---- 1. K-means on the score vectors, 3. the tokens each centroid ranks highest ----------
@@ -333,6 +344,18 @@ def cluster(
         centroids=result.centroids,
         positions=token_index[local],
     )
+
+
+def first_device_key(key: jax.Array, axis_name: str) -> jax.Array:
+    """The key of the axis' first device, on every device (typed or raw ``uint32`` keys).
+
+    Every device must make the same clustering decisions; keys that differ per device (the usual
+    ``jax.random.split(key, n_devices)`` of a ``pmap``) would give each its own clusters.
+    """
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    data = jax.random.key_data(key) if typed else key
+    data = jax.lax.all_gather(data, axis_name)[0]
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(key)) if typed else data
 
 
 def _local_rows(assignment: jax.Array, local_batch: int, axis_name: str | None) -> jax.Array:

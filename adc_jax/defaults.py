@@ -97,6 +97,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.target_accuracy = 0.0
     c.eval_every_steps = 0  # 0 = every epoch-equivalent of the budget (and always at the end)
     c.checkpoint_every_steps = 500  # also at the end; a restarted run resumes from the last
+    # A workdir holds one experiment: resuming with other defining fields is refused unless they
+    # are named here, comma-separated, e.g. "budget" or "optimizer.learning_rate" (docs/runs.md).
+    c.allow_changes = ""
     c.eval_batch_size = 512  # divides among 1, 2, 4, 8, … devices; the last batch is padded
 
     c.devices = ml_collections.ConfigDict()

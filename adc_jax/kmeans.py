@@ -14,10 +14,12 @@ non-empty sets: the output is finite for any finite input.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Largest magnitude a coordinate keeps: (2e15)² summed over 1e5 features stays below float32's max.
 _LIMIT = 1e15
@@ -80,6 +82,40 @@ def _assign(points: jax.Array, centroids: jax.Array) -> jax.Array:
     return _fill_empty(assignment, own, centroids.shape[0])
 
 
+def static_int(name: str, value) -> int:
+    """``value`` as an int, or a TypeError naming ``name``: sizes fix array shapes, so they must be
+    Python (or NumPy) ints, not floats, bools or traced values."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(
+            f"{name} must be a Python int (a static size); got {value!r} of type "
+            f"{type(value).__name__}. Under jax.jit, pass it as a static argument."
+        )
+    return int(value)
+
+
+def check_stopping(max_iters, tol) -> int:
+    """Validates Lloyd's stopping rule; returns ``max_iters`` as an int.
+
+    ``max_iters`` must be an int ``>= 1``; ``tol`` a number ``>= 0`` (``inf`` stops after one
+    iteration). A traced ``tol`` cannot be checked here; :func:`kmeans` then still runs at least
+    one iteration, so a NaN ``tol`` cannot leave clusters empty.
+    """
+    max_iters = static_int("max_iters", max_iters)
+    if max_iters < 1:
+        raise ValueError(f"max_iters ({max_iters}) must be at least 1.")
+    if not isinstance(tol, jax.core.Tracer):
+        try:
+            value = float(tol)
+        except TypeError:
+            raise TypeError(f"tol must be a number; got {tol!r}.") from None
+        if math.isnan(value) or value < 0:
+            raise ValueError(
+                f"tol ({value}) must be a number >= 0: Lloyd stops once the squared total centre "
+                "shift is below it (0 runs all max_iters iterations)."
+            )
+    return max_iters
+
+
 def kmeans(
     points: jax.Array,
     num_clusters: int,
@@ -95,20 +131,24 @@ def kmeans(
         ``±1e15`` before clustering, so squared distances cannot overflow float32.
       num_clusters: static int ``T`` with ``1 <= T <= P``.
       key: PRNG key; picks the ``T`` distinct rows that seed the centroids.
-      max_iters: at most this many Lloyd iterations (static, ``>= 1``).
-      tol: stop once the squared total centre shift is below this.
+      max_iters: at most this many Lloyd iterations (static int, ``>= 1``); at least one runs.
+      tol: stop once the squared total centre shift is below this (a number ``>= 0``).
 
     Returns:
       A :class:`KMeansResult`; ``centroids`` are exactly the member means of ``assignment``.
+
+    Raises:
+      TypeError: ``num_clusters`` or ``max_iters`` is not an int (e.g. ``2.5`` or a tracer).
+      ValueError: either is out of range, or ``tol`` is NaN or negative.
     """
     num_points = points.shape[0]
+    num_clusters = static_int("num_clusters", num_clusters)
     if not 1 <= num_clusters <= num_points:
         raise ValueError(
             f"num_clusters ({num_clusters}) must be between 1 and the number of points "
             f"({num_points})."
         )
-    if max_iters < 1:
-        raise ValueError(f"max_iters ({max_iters}) must be at least 1.")
+    max_iters = check_stopping(max_iters, tol)
     points = jax.lax.stop_gradient(points).astype(jnp.float32)
     points = jnp.clip(jnp.nan_to_num(points), -_LIMIT, _LIMIT)
     seeds = jax.random.permutation(key, num_points)[:num_clusters]
@@ -116,7 +156,8 @@ def kmeans(
 
     def cond(state):
         it, _, _, _, shift = state
-        return (it < max_iters) & (shift >= tol)
+        # The first iteration always runs: it is what makes every cluster non-empty.
+        return (it == 0) | ((it < max_iters) & (shift >= tol))
 
     def body(state):
         it, centroids, _, _, _ = state

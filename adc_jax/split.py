@@ -22,6 +22,10 @@ devices with the named axis ``"data"``:
 
 Every device computes its loss as its local mean divided by the device count and gradients are
 summed across devices, so the update is that of the global mean loss.
+
+Each step also checks, on the device, that the loss, both sides' gradients and their new
+parameters are finite; :attr:`TrainState.bad_step` keeps the first step where they were not, so
+the training loop can read it whenever it reads anything else and never waits for it.
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ class TrainState(NamedTuple):
     server: Side
     method_state: Any  # fixed method state (e.g. C3-SL keys)
     rng: jax.Array  # uint32 key data of the run's base key; step keys are fold_in(rng, step)
+    # int32 []: the first step whose loss, gradients or new parameters were not all finite; 0
+    # while every step's were. Set once, kept (later steps compute on the non-finite state).
+    bad_step: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +113,7 @@ def init_state(
         server=Side(server, protocol.server_tx.init(server)),
         method_state=method_state,
         rng=jax.random.key_data(rng),
+        bad_step=jnp.zeros((), jnp.int32),
     )
 
 
@@ -119,9 +127,22 @@ def _psum(tree, axis_name):
     return tree if axis_name is None else jax.lax.psum(tree, axis_name)
 
 
-def _update(tx: optax.GradientTransformation, side: Side, grads) -> Side:
+def all_finite(tree) -> jax.Array:
+    """bool []: every element of every leaf of ``tree`` is finite."""
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
+def _update(tx: optax.GradientTransformation, side: Side, grads) -> tuple[Side, jax.Array]:
+    """The side after one optimiser step, and whether its gradients and new parameters are all
+    finite (one fused pass over each on the device)."""
     updates, opt_state = tx.update(grads, side.opt_state, side.params)
-    return Side(optax.apply_updates(side.params, updates), opt_state)
+    params = optax.apply_updates(side.params, updates)
+    return Side(params, opt_state), all_finite((grads, params))
+
+
+def mark_bad_step(bad_step: jax.Array, step: jax.Array, finite: jax.Array) -> jax.Array:
+    """``step`` if it is the first one that was not ``finite``, else ``bad_step`` unchanged."""
+    return jnp.where((bad_step == 0) & ~finite, step, bad_step).astype(jnp.int32)
 
 
 # ---- The three programs of one step --------------------------------------------------------
@@ -176,7 +197,11 @@ def client_forward(protocol: Protocol, state: TrainState, batch: dict[str, jax.A
 
 
 def server_step(protocol: Protocol, server: Side, method_state: Any, payload: Payload):
-    """Server: returns ``(server side, gradient w.r.t. payload.activations, metrics)``."""
+    """Server: returns ``(server side, gradient w.r.t. payload.activations, metrics)``.
+
+    ``metrics["finite"]`` (bool): the loss, the server's gradients and its new parameters are all
+    finite; :func:`client_backward` folds it into the step's verdict.
+    """
     method, axis = protocol.method, protocol.axis_name
     devices = axis_size(axis)
 
@@ -192,31 +217,50 @@ def server_step(protocol: Protocol, server: Side, method_state: Any, payload: Pa
 
     grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
     (_, (loss, hits)), (grads, activation_grad) = grad_fn(server.params, payload.activations)
-    server = _update(protocol.server_tx, server, _psum(grads, axis))
+    server, finite = _update(protocol.server_tx, server, _psum(grads, axis))
     metrics = {"loss": loss, "train_accuracy": hits}
     if axis is not None:
         metrics = jax.lax.pmean(metrics, axis)
+    # The mean loss is non-finite if any device's is; gradients and parameters are replicated.
+    metrics["finite"] = finite & jnp.isfinite(metrics["loss"])
     return server, activation_grad, metrics
 
 
 def client_backward(
-    protocol: Protocol, client: Side, step: jax.Array, vjp, activation_grad: jax.Array
+    protocol: Protocol,
+    client: Side,
+    step: jax.Array,
+    vjp,
+    activation_grad: jax.Array,
+    bad_step: jax.Array,
+    server_finite: jax.Array,
 ):
     """Client: back-propagates the server's gradient, updates, and closes the step.
 
-    Returns ``(client side, step + 1)``; the counter is advanced here, on the device, so that a
-    step needs no host-to-device transfer.
+    Returns ``(client side, step + 1, bad_step)``; the counter is advanced here, on the device, so
+    that a step needs no host-to-device transfer, and ``bad_step`` becomes ``step + 1`` if this is
+    the first step whose loss or gradients or new parameters, on either side (``server_finite``:
+    the server's ``metrics["finite"]``), were not all finite.
     """
     (grads,) = vjp(activation_grad)
-    return _update(protocol.client_tx, client, _psum(grads, protocol.axis_name)), step + 1
+    client, finite = _update(protocol.client_tx, client, _psum(grads, protocol.axis_name))
+    step = step + 1
+    return client, step, mark_bad_step(bad_step, step, finite & server_finite)
 
 
 def fused_step(protocol: Protocol, state: TrainState, batch: dict[str, jax.Array]):
-    """The same step as the three programs, as one program: ``(state, metrics)``."""
+    """The same step as the three programs, as one program: ``(state, metrics)``.
+
+    ``metrics["bad_step"]`` is the new state's ``bad_step`` (a buffer of its own: the state is
+    donated to the next step, the metrics are read later).
+    """
     payload, vjp = client_forward(protocol, state, batch)
     server, grad, metrics = server_step(protocol, state.server, state.method_state, payload)
-    client, step = client_backward(protocol, state.client, state.step, vjp, grad)
-    return state._replace(step=step, client=client, server=server), metrics
+    client, step, bad_step = client_backward(
+        protocol, state.client, state.step, vjp, grad, state.bad_step, metrics["finite"]
+    )
+    state = state._replace(step=step, client=client, server=server, bad_step=bad_step)
+    return state, {**metrics, "bad_step": bad_step}
 
 
 def evaluate_batch(protocol: Protocol, state: TrainState, batch: dict[str, jax.Array]):
@@ -247,16 +291,21 @@ class Programs(NamedTuple):
 
     client_forward: Callable  # (state, batch) -> (payload, vjp)
     server_step: Callable  # (server, method_state, payload) -> (server, grad, metrics)
-    client_backward: Callable  # (client, step, vjp, grad) -> (client, step + 1)
+    # (client, step, vjp, grad, bad_step, server_finite) -> (client, step + 1, bad_step)
+    client_backward: Callable
     fused_step: Callable  # (state, batch) -> (state, metrics)
     evaluate: Callable  # (state, batch) -> {"correct", "count"}
 
     def split_step(self, state: TrainState, batch):
-        """One step as three programs exchanging messages: ``(state, metrics)``."""
+        """One step as three programs exchanging messages: ``(state, metrics)``, as
+        :func:`fused_step` (``bad_step`` is not donated by these programs, so it is shared)."""
         payload, vjp = self.client_forward(state, batch)
         server, grad, metrics = self.server_step(state.server, state.method_state, payload)
-        client, step = self.client_backward(state.client, state.step, vjp, grad)
-        return state._replace(step=step, client=client, server=server), metrics
+        client, step, bad_step = self.client_backward(
+            state.client, state.step, vjp, grad, state.bad_step, metrics["finite"]
+        )
+        state = state._replace(step=step, client=client, server=server, bad_step=bad_step)
+        return state, {**metrics, "bad_step": bad_step}
 
 
 def _programs(protocol: Protocol, compile_fn) -> Programs:

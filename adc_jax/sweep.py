@@ -469,9 +469,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.makedirs(fv.root, exist_ok=True)
     with open(os.path.join(fv.root, "sweep_command.txt"), "a") as f:
         f.write(" ".join(["python -m adc_jax.sweep", *words]) + "\n")
-    status = run_grid(
-        config, runs, fv.root, evals=fv.evals, log=lambda line: print(line, flush=True)
-    )
+    from adc_jax.runs import RunInterrupted
+
+    try:
+        status = run_grid(
+            config, runs, fv.root, evals=fv.evals, log=lambda line: print(line, flush=True)
+        )
+    except RunInterrupted as e:  # SIGTERM / SIGINT: the run in progress saved a checkpoint
+        print(f"{e} The same sweep command resumes the sweep.", flush=True)
+        return e.exit_code
     counts = {s: list(status.values()).count(s) for s in sorted(set(status.values()))}
     print("sweep done: " + ", ".join(f"{n} {s}" for s, n in counts.items()), flush=True)
     return 1 if "failed" in status.values() else 0

@@ -4,15 +4,21 @@
 it writes lands in ``workdir``:
 
 * ``config.json`` – the config as run;
+* ``run.json`` – the run's identity: its experiment-defining fields and their fingerprint (see
+  :mod:`adc_jax.runs` and docs/runs.md: a workdir holds one experiment);
 * ``metrics.jsonl`` – one JSON object per logged step (``step``, ``loss``, ``samples_equivalent``,
   ``bytes_up``, ``bytes_down``, ``steps_per_second``, ``images_per_second``, …) and per evaluation
   (``test_accuracy``, ``wall_seconds`` since the process started);
 * ``summary.json`` – the final test accuracy, steps, bytes per direction, nominal and measured
   ξ, compute dtype, images/s, time to ``target_accuracy``, wall time, devices and versions;
-* ``checkpoints/`` – orbax checkpoints; a restarted command resumes from the newest by itself.
+* ``checkpoints/`` – orbax checkpoints of finite states only; a restarted command resumes from
+  the newest by itself, and SIGTERM or SIGINT writes one at the next step boundary;
+* ``diverged.json`` – only when the loss, gradients or parameters stopped being finite.
 
 Durations are converted to steps once, by :func:`plan_steps`; the loop reads metrics back from
-the device only on log steps, one step late, so the host never waits on the step in flight.
+the device only on log steps, one step late, so the host never waits on the step in flight. The
+step programs mark the first non-finite step on the device (``TrainState.bad_step``); the loop
+reads it with the metrics and before every evaluation and checkpoint.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from adc_jax import accelerator, split, tensorboard_writer, vit
+from adc_jax import accelerator, runs, split, tensorboard_writer, vit
 from adc_jax import data as data_lib
 from adc_jax.augment import eval_preprocess, train_augment
 from adc_jax.link import Channel
@@ -276,42 +282,192 @@ def initialize_distributed() -> None:
 
 
 def default_workdir(config_path: str, config: ml_collections.ConfigDict) -> str:
-    """``runs/<config file>-<method>[-xi<ξ>]-s<seed>``."""
+    """``runs/<config file>-<method>[-xi<ξ>]-s<seed>-<fingerprint>``.
+
+    The readable part names the usual knobs; the first 8 hex digits of the config's fingerprint
+    (:func:`adc_jax.runs.fingerprint`) tell apart runs that differ in any other defining field.
+    """
     name = os.path.splitext(os.path.basename(config_path))[0]
     tag = config.method.name + (f"-xi{config.method.xi:g}" if config.method.name == "adc" else "")
-    return os.path.join("runs", f"{name}-{tag}-s{config.seed}")
+    return os.path.join("runs", f"{name}-{tag}-s{config.seed}-{runs.fingerprint(config)[:8]}")
 
 
 # ---- Checkpoints ------------------------------------------------------------------------------
 
 
 class Checkpoints:
-    """Orbax checkpoints of the train state in ``workdir/checkpoints``."""
+    """Orbax checkpoints of the train state in ``workdir/checkpoints``.
+
+    Orbax writes each one into a temporary directory and renames it when complete, so a process
+    killed while saving leaves the previous checkpoint as the newest. Errors come out as
+    :class:`adc_jax.runs.CheckpointError` naming the directory and what to do.
+    """
 
     def __init__(self, workdir: str, every: int):
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         self._manager = ocp.CheckpointManager(
-            os.path.abspath(os.path.join(workdir, "checkpoints")),
+            self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=every),
+            item_handlers=ocp.StandardCheckpointHandler(),  # lets item_metadata read shapes
         )
+        self._saving: int | None = None  # the step whose write may still be in flight
+        self._closed = False
+        _quiet_leftover_callbacks()
 
     def restore(self, target: split.TrainState) -> split.TrainState | None:
+        """The newest checkpoint as ``target``'s pytree, or None when there is none.
+
+        Raises a CheckpointError when it cannot be read (naming the previous checkpoint, if that
+        one reads), when its arrays do not match ``target``'s names, shapes and dtypes, or when
+        it holds non-finite values.
+        """
         step = self._manager.latest_step()
         if step is None:
             return None
+        try:
+            stored = self._manager.item_metadata(step)
+        except Exception as e:  # noqa: BLE001 -- any failure to read means a damaged checkpoint
+            raise self._damaged(step, e, target) from None
+        self._check_fits(step, stored, target)
+        try:
+            restored = self._read(step, target)
+        except Exception as e:  # noqa: BLE001
+            raise self._damaged(step, e, target) from None
+        bad = [name for name, x in _named_leaves(restored).items() if not np.isfinite(x).all()]
+        if bad:
+            raise runs.CheckpointError(
+                f"The checkpoint of step {step} ({self._path(step)}) holds non-finite values "
+                f"({', '.join(bad[:3])}{', …' if len(bad) > 3 else ''}): the run it belongs to "
+                "diverged before divergence was checked at every step. Start again in another "
+                "--workdir (with a lower optimizer.learning_rate)."
+            )
+        return restored
+
+    def _read(self, step: int, target: split.TrainState) -> split.TrainState:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
         restored = self._manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
         return jax.tree.unflatten(jax.tree.structure(target), jax.tree.leaves(restored))
 
-    def save(self, step: int, state: split.TrainState) -> None:
-        host = jax.device_get(state)
-        self._manager.save(step, args=self._ocp.args.StandardSave(host), force=True)
+    def _path(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
 
-    def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+    def _check_fits(self, step: int, stored, target: split.TrainState) -> None:
+        """Lists missing, unexpected and mismatched arrays instead of orbax's tracebacks."""
+        spec = lambda x: f"{np.dtype(x.dtype).name}{list(np.shape(x))}"  # float32[32, 10]
+        have = {x.name: spec(x) for x in jax.tree.leaves(stored)}
+        want = {name: spec(x) for name, x in _named_leaves(target).items()}
+        problems = []
+        for label, names in (
+            ("missing", sorted(set(want) - set(have))),
+            ("unexpected", sorted(set(have) - set(want))),
+        ):
+            if names:
+                more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+                problems.append(f"{label}: {', '.join(names[:3])}{more}")
+        changed = [name for name in sorted(set(have) & set(want)) if have[name] != want[name]]
+        for name in changed[:3]:
+            problems.append(f"{name} is {have[name]} in the file, {want[name]} now")
+        if problems:
+            raise runs.CheckpointError(
+                f"The checkpoint of step {step} ({self._path(step)}) does not fit this run's "
+                f"state ({'; '.join(problems)}). It was written for another model, split or "
+                "method, or by another version of adc-jax. Use another --workdir."
+            )
+
+    def _damaged(self, step: int, error: Exception, target) -> runs.CheckpointError:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = reason if len(reason) <= 300 else reason[:300] + " …"
+        earlier = [s for s in sorted(self._manager.all_steps(), reverse=True) if s < step]
+        offer = "No earlier checkpoint is kept: start again in another --workdir."
+        for previous in earlier:
+            try:
+                self._read(previous, target)
+            except Exception:  # noqa: BLE001, S112 -- try the next older one
+                continue
+            damaged = os.path.join(os.path.dirname(self.directory), f"damaged-checkpoint-{step}")
+            offer = (
+                f"The previous checkpoint, step {previous}, reads fine: to resume from it, move "
+                f"the damaged one aside (mv {self._path(step)} {damaged}) and run the same "
+                "command again."
+            )
+            break
+        return runs.CheckpointError(
+            f"The newest checkpoint, step {step} ({self._path(step)}), cannot be read: {reason}. "
+            "It was damaged after it was written (a copy cut short, a full or failing disk); a "
+            f"process killed while saving leaves no such checkpoint. {offer}"
+        )
+
+    def save(self, step: int, host_state: split.TrainState) -> None:
+        """Starts writing ``host_state`` (already on the host and checked finite)."""
+        try:
+            self._manager.save(step, args=self._ocp.args.StandardSave(host_state), force=True)
+        except Exception as e:  # noqa: BLE001 -- the previous write may have failed, or this one
+            raise self._write_error(e) from None
+        self._saving = step
+        runs.fault_point("save", step)
+        runs.fault_point("saved", step, before=self._manager.wait_until_finished)
+
+    def _write_error(self, error: Exception) -> runs.CheckpointError:
+        step = f"step {self._saving} or later" if self._saving is not None else "a step"
+        if runs.is_disk_full(error):
+            return runs.CheckpointError(
+                f"No space left on the device while writing the checkpoint of {step} in "
+                f"{self.directory}. Free some space (or give another --workdir on a larger disk) "
+                "and run the same command again: the run resumes from its last complete checkpoint."
+            )
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        return runs.CheckpointError(
+            f"Could not write the checkpoint of {step} in {self.directory}: {reason}. The "
+            "previous checkpoint is kept; fix the cause and run the same command again."
+        )
+
+    def close(self, *, raise_errors: bool = True) -> None:
+        """Waits for the write in flight (once); ``raise_errors=False`` when already failing."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._manager.wait_until_finished()
+            self._manager.close()
+        except Exception as e:  # noqa: BLE001
+            if raise_errors:
+                raise self._write_error(e) from None
+
+
+def _quiet_leftover_callbacks() -> None:
+    """Drops the "Event loop is closed" errors of a failed orbax read or write (process-wide).
+
+    Orbax gives up at the first array that fails and closes its event loop; tensorstore then
+    completes the other arrays' reads or writes and each callback raises into the closed loop:
+    one traceback per array (172 for the tiny test model) through ``sys.unraisablehook``, in
+    background threads, around the one error that matters (which orbax raises). Nothing else
+    raises this error into that hook.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_errors", False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_loop_errors = True
+    sys.unraisablehook = hook
+
+
+def _named_leaves(tree) -> dict[str, Any]:
+    """``{"client.params.model.…": leaf}``: the names orbax gives the arrays of a saved pytree."""
+
+    def name(path) -> str:
+        return ".".join(
+            str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path
+        )
+
+    return {name(path): x for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 # ---- The loop ---------------------------------------------------------------------------------
@@ -383,14 +539,6 @@ def evaluate(exp: Experiment, state: split.TrainState) -> float:
     return correct / max(count, 1.0)
 
 
-def _check_finite(step: int, metrics: dict[str, float]) -> None:
-    if not math.isfinite(metrics["loss"]):
-        raise FloatingPointError(
-            f"Loss is {metrics['loss']} at step {step}; lower optimizer.learning_rate or check "
-            "the data."
-        )
-
-
 def _record(exp: Experiment, step: int) -> dict[str, Any]:
     """Cumulative communication after ``step`` steps."""
     cost = exp.cost
@@ -417,24 +565,51 @@ def versions() -> dict[str, str]:
     }
 
 
+def _host_scalar(x: jax.Array) -> int:
+    """The value of a replicated scalar (this process's first copy); waits for it."""
+    return int(np.asarray(x.addressable_data(0)).reshape(-1)[0])
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Runs one experiment in ``workdir`` (resuming it if it was interrupted)."""
+    """Runs one experiment in ``workdir`` (resuming it if it was interrupted).
+
+    Refuses, before writing anything, a workdir that holds another experiment or a diverged run
+    (:func:`adc_jax.runs.check_workdir`), a checkpoint that cannot be read or does not fit, and a
+    budget that ends before the checkpoint's step. Stops with :class:`adc_jax.runs.RunDiverged`
+    at the first non-finite step (nothing non-finite is saved) and with
+    :class:`adc_jax.runs.RunInterrupted` after saving on SIGTERM or SIGINT.
+    """
     start_time = time.time()
     exp = setup(config)
     schedule, cost = exp.schedule, exp.cost
+    train_source = open_data(config, "train")
+    record = runs.check_workdir(workdir, config, cost)
     os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-
     checkpoints = Checkpoints(workdir, schedule.checkpoint_every)
-    state = checkpoints.restore(exp.initial_state) or exp.initial_state
+    try:
+        state = checkpoints.restore(exp.initial_state) or exp.initial_state
+    except BaseException:
+        checkpoints.close(raise_errors=False)
+        raise
     start = int(state.step)
+    if start > schedule.total_steps:
+        checkpoints.close(raise_errors=False)
+        raise runs.RunError(
+            f"{workdir} holds a run already at step {start}, past the {schedule.total_steps} "
+            f"steps of this budget (budget.max_steps = {config.budget.max_steps}); a run cannot "
+            f"be shortened. Raise budget.max_steps to {start} or more (0: no cap) to continue "
+            "it, or use another --workdir."
+        )
+    if jax.process_index() == 0:
+        runs.record_run(workdir, record, config, start)
+        if start < schedule.total_steps:
+            runs.drop_summary(workdir)
+
     state = split.replicate(state, exp.devices)
     writer = MetricsWriter(workdir, start, tensorboard=config.tensorboard)
     step_fn = exp.programs.fused_step if config.fused_step else exp.programs.split_step
     batches = data_lib.TrainIterator(
-        open_data(config, "train"),
+        train_source,
         batch_size=config.batch_size,
         seed=config.seed,
         start_step=start,
@@ -444,46 +619,84 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     progress = _progress(config, schedule.total_steps, start, cost)
     pending = None  # (step, metrics on device) of the last log step, read one step late
     test_accuracy = None
+    saved = start  # the newest checkpoint's step (all of them are finite)
     tick, tick_step = time.time(), start
+
+    def check_finite(bad_step: int, seen_at: int) -> None:
+        """Stops the run (marking the workdir) if a step was not finite."""
+        if bad_step:
+            message = f"The loss, gradients or parameters were not finite at step {bad_step}."
+            if jax.process_index() == 0:
+                message = runs.mark_diverged(workdir, bad_step, seen_at, saved)
+            raise runs.RunDiverged(
+                f"{message} Lower optimizer.learning_rate (now {config.optimizer.learning_rate:g}) "
+                f"or check the data, and start again in another --workdir (docs/runs.md)."
+            )
+
+    def write_pending() -> None:
+        """Writes the last log step's row, after checking that the run was finite up to it."""
+        nonlocal pending, tick, tick_step
+        if pending is None:
+            return
+        (logged_step, logged), pending = pending, None
+        values = _to_python(logged)
+        check_finite(int(values.pop("bad_step")), logged_step)
+        values.pop("finite")
+        now = time.time()
+        rate = (logged_step - tick_step) / max(now - tick, 1e-9)
+        tick, tick_step = now, logged_step
+        writer.write(
+            {
+                **_record(exp, logged_step),
+                **values,
+                "steps_per_second": rate,
+                "images_per_second": rate * config.batch_size,
+            }
+        )
+        progress.set_postfix(loss=f"{values['loss']:.3f}")
+
+    def save(step: int) -> None:
+        nonlocal saved
+        write_pending()  # a checkpoint never gets ahead of the rows it resumes after
+        host = jax.device_get(split.unreplicate(state))
+        check_finite(int(host.bad_step), step)
+        checkpoints.save(step, host)
+        saved = step
+
     try:
-        for step in range(start + 1, schedule.total_steps + 1):
-            batch = split.shard_batch(next(batches), exp.devices)
-            state, metrics = step_fn(state, batch)
-            if pending is not None:
-                logged_step, logged = pending
-                pending = None
-                values = _to_python(logged)
-                _check_finite(logged_step, values)
-                now = time.time()
-                rate = (logged_step - tick_step) / max(now - tick, 1e-9)
-                tick, tick_step = now, logged_step
-                writer.write(
-                    {
-                        **_record(exp, logged_step),
-                        **values,
-                        "steps_per_second": rate,
-                        "images_per_second": rate * config.batch_size,
-                    }
-                )
-                progress.set_postfix(loss=f"{values['loss']:.3f}")
-            if step % schedule.log_every == 0 or step == schedule.total_steps:
-                pending = (step, metrics)
-            if step % schedule.eval_every == 0 and step != schedule.total_steps:
-                accuracy = evaluate(exp, state)
-                writer.write({**_record(exp, step), **_eval_row(accuracy, start_time)})
-            if step % schedule.checkpoint_every == 0 or step == schedule.total_steps:
-                checkpoints.save(step, split.unreplicate(state))
-            progress.update(1)
-        if pending is not None:
-            values = _to_python(pending[1])
-            _check_finite(pending[0], values)
-            writer.write({**_record(exp, pending[0]), **values})
-        test_accuracy = evaluate(exp, state)
-        writer.write({**_record(exp, schedule.total_steps), **_eval_row(test_accuracy, start_time)})
+        with runs.StopSignals(multiprocess=jax.process_count() > 1) as stop:
+            for step in range(start + 1, schedule.total_steps + 1):
+                batch = split.shard_batch(next(batches), exp.devices)
+                state, metrics = step_fn(state, batch)
+                write_pending()
+                last = step == schedule.total_steps
+                if step % schedule.log_every == 0 or last:
+                    pending = (step, metrics)
+                if step % schedule.eval_every == 0 or last:
+                    write_pending()
+                    check_finite(_host_scalar(state.bad_step), step)
+                    accuracy = evaluate(exp, state)
+                    writer.write({**_record(exp, step), **_eval_row(accuracy, start_time)})
+                    if last:
+                        test_accuracy = accuracy
+                if step % schedule.checkpoint_every == 0 or last:
+                    save(step)
+                runs.fault_point("step", step)
+                progress.update(1)
+                if stop.requested(step) and not last:  # at the last step, finishing is quicker
+                    if saved != step:
+                        save(step)
+                    checkpoints.close()
+                    raise runs.RunInterrupted(stop.signum, step, workdir)
+        if test_accuracy is None:  # resumed at the end: the row of the last evaluation is there
+            test_accuracy = evaluate(exp, state)
+        checkpoints.close()
+    except BaseException:
+        checkpoints.close(raise_errors=False)
+        raise
     finally:
         batches.close()
         progress.close()
-        checkpoints.close()
         writer.close()
 
     summary = {
@@ -504,6 +717,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "downlink_channel": dataclasses.asdict(exp.protocol.downlink),
         "wall_seconds": time.time() - start_time,
         "resumed_from_step": start,
+        "fingerprint": record["fingerprint"],
         "num_devices": len(exp.devices) * jax.process_count(),
         "device_kind": exp.devices[0].device_kind,
         "platform": exp.devices[0].platform,

@@ -69,8 +69,9 @@ def program_call(name: str, config) -> tuple[Any, tuple]:
     payload, vjp = programs.client_forward(state, batch)
     if name == "server_step":
         return programs.server_step, (state.server, state.method_state, payload)
-    _, grad, _ = programs.server_step(state.server, state.method_state, payload)
-    return programs.client_backward, (state.client, state.step, vjp, grad)
+    _, grad, metrics = programs.server_step(state.server, state.method_state, payload)
+    args = (state.client, state.step, vjp, grad, state.bad_step, metrics["finite"])
+    return programs.client_backward, args
 
 
 def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:

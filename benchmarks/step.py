@@ -406,23 +406,26 @@ def _time_programs(programs, state, batch, steps, add):
     """Times client_forward, server_step and client_backward one by one; returns the state."""
     add("client_forward", timed(lambda: programs.client_forward(state, batch), steps, 0))
     payload, vjp = programs.client_forward(state, batch)
-    server, grad = state.server, None
+    server, grad, finite = state.server, None, None
 
     def server_call():
-        nonlocal server, grad
-        server, grad, _ = programs.server_step(server, state.method_state, payload)
+        nonlocal server, grad, finite
+        server, grad, metrics = programs.server_step(server, state.method_state, payload)
+        finite = metrics["finite"]
         return server, grad
 
     add("server_step", timed(server_call, steps, 0))
-    client, count = state.client, state.step
+    client, count, bad_step = state.client, state.step, state.bad_step
 
     def client_call():
-        nonlocal client, count
-        client, count = programs.client_backward(client, count, vjp, grad)
+        nonlocal client, count, bad_step
+        client, count, bad_step = programs.client_backward(
+            client, count, vjp, grad, bad_step, finite
+        )
         return client, count
 
     add("client_backward", timed(client_call, steps, 0))
-    return state._replace(server=server, client=client, step=count)
+    return state._replace(server=server, client=client, step=count, bad_step=bad_step)
 
 
 def _bench_compress(args, model, protocol, state, batch, add) -> None:

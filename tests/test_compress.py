@@ -515,6 +515,58 @@ def test_pmap_equals_single_device_on_the_global_batch(shape, use):
     )
 
 
+def test_pmap_devices_agree_whatever_keys_they_pass():
+    """The usual pmap pattern hands every device its own key; the clusters must still be shared
+    (else the merged label rows would not sum to 1): all devices use the first device's key."""
+    num_devices = jax.local_device_count()
+    tokens, scores, labels = make_inputs(40, MAIN, "attention")
+    _, _, _, num_clusters, num_tokens = MAIN
+    keys = jax.random.split(jax.random.key(5), num_devices)
+    shard = lambda x: x.reshape(num_devices, -1, *x.shape[1:])
+
+    @functools.partial(jax.pmap, axis_name="data")
+    def per_device(tokens, scores, labels, key):
+        return compress(
+            tokens,
+            scores,
+            labels=labels,
+            num_clusters=num_clusters,
+            num_tokens=num_tokens,
+            key=key,
+            axis_name="data",
+        )
+
+    single = run(tokens, scores, MAIN, key=keys[0], labels=labels)
+    for device_keys in (keys, jax.random.key_data(keys)):  # typed and raw uint32 keys
+        out = per_device(shard(tokens), shard(scores), shard(labels), device_keys)
+        np.testing.assert_allclose(np.asarray(out.labels).sum(-1), 1.0, rtol=1e-5)
+        for d in range(num_devices):
+            np.testing.assert_array_equal(out.assignment[d], single.assignment)
+            np.testing.assert_array_equal(out.token_index[d], single.token_index)
+            np.testing.assert_allclose(out.tokens[d], single.tokens, rtol=1e-5, atol=1e-6)
+
+
+def test_counts_and_stopping_rule_are_validated():
+    tokens, scores, _ = make_inputs(0, MAIN)
+    tokens, scores = jnp.asarray(tokens), jnp.asarray(scores)
+    kw = dict(num_clusters=4, num_tokens=3, key=jax.random.key(0))
+    for name, value in [("num_clusters", 2.5), ("num_tokens", 3.0), ("num_clusters", True)]:
+        with pytest.raises(TypeError, match=f"{name} must be a Python int"):
+            compress(tokens, scores, **{**kw, name: value})
+    with pytest.raises(TypeError, match="max_iters must be a Python int"):
+        compress(tokens, scores, **kw, max_iters=2.5)
+    with pytest.raises(ValueError, match="max_iters"):
+        compress(tokens, scores, **kw, max_iters=0)
+    for tol in (float("nan"), -1.0):
+        with pytest.raises(ValueError, match=r"tol \((nan|-1.0)\) must be a number >= 0"):
+            compress(tokens, scores, **kw, tol=tol)
+    with pytest.raises(TypeError, match="num_clusters must be a Python int"):
+        compression_plan(16, 8, num_clusters=2.5, num_tokens=3)
+    # A traced tol cannot be checked; a NaN one still leaves no cluster empty.
+    out = jax.jit(lambda t: compress(tokens, scores, **kw, tol=t))(jnp.float32(jnp.nan))
+    assert (np.asarray(out.cluster_size) >= 1).all()
+
+
 def test_input_errors():
     tokens, scores, labels = make_inputs(0, MAIN)
     kw = dict(num_clusters=4, num_tokens=3, key=jax.random.key(0))

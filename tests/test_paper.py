@@ -1,9 +1,9 @@
 """The paper's protocol: its configs' method defaults, the release variant, the epoch cap."""
 
-import importlib.util
 import math
 import os
 
+import config_kit
 import pytest
 
 from adc_jax import paper, train
@@ -13,16 +13,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_CONFIGS = ("deit_t_cifar100", "deit_s_cifar100", "deit_t_food101", "deit_s_food101")
 
 
-def load_config(name, arg=None):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
 @pytest.mark.parametrize("name", PAPER_CONFIGS)
 def test_paper_configs_run_the_baselines_as_the_authors_did(name):
-    config = load_config(name)
+    config = config_kit.load(name)
     method = config.method
     assert (method.name, method.xi, method.split, method.max_iters) == ("adc", 0.1, "sqrt", 50)
     assert method.key_kind == "gaussian"  # C3-SL's reference keys
@@ -39,12 +32,12 @@ def test_paper_configs_run_the_baselines_as_the_authors_did(name):
 
 @pytest.mark.parametrize("name", PAPER_CONFIGS)
 def test_release_variant_follows_the_release_code(name):
-    config = load_config(name, "release")
+    config = config_kit.load(name, "release")
     assert (config.method.split, config.method.max_iters) == ("release", 500)
     assert config.budget.max_epochs == 100
     assert config.batch_size == (256 if "food101" in name else 128)
     with pytest.raises(ValueError, match="release"):
-        load_config(name, "relase")
+        config_kit.load(name, "relase")
 
 
 def _schedule(config, method_name, xi, train_size):
@@ -54,7 +47,7 @@ def _schedule(config, method_name, xi, train_size):
 
 
 def test_epoch_cap_stops_a_run_at_the_right_step():
-    config = load_config("deit_t_cifar100", "release")
+    config = config_kit.load("deit_t_cifar100", "release")
     per_epoch = 50_000 // 128  # 390 full batches
     # 10 epochs of Base, counted as ξ·B per step: ξ = 0.05 wants 200 epochs, ξ = 0.01 1000.
     for xi in (0.05, 0.01):
@@ -72,7 +65,7 @@ def test_epoch_cap_stops_a_run_at_the_right_step():
 
 
 def test_release_sizes_are_budgeted_at_the_nominal_xi():
-    config = load_config("deit_t_cifar100", "release")
+    config = config_kit.load("deit_t_cifar100", "release")
     cost = step_cost(method_from_config(config.method), CutShape(128, 197, 192, 100))
     assert cost.xi_paper == 0.1  # what the release code counts
     # What it sends: T = 40 of 128 samples, k = 110 of 197 tokens, ≈ ξ^(3/4).

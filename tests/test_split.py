@@ -56,6 +56,35 @@ def test_split_protocol_equals_fused_step(
     assert max(jax.tree.leaves(moved)) > 1e-4
 
 
+def _poison(tree):
+    """``tree`` with one element of its first leaf set to NaN."""
+    leaves, treedef = jax.tree.flatten(tree)
+    leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(jnp.nan)
+    return jax.tree.unflatten(treedef, leaves)
+
+
+@pytest.mark.parametrize("path", ["split_step", "fused_step"])
+@pytest.mark.parametrize("where", ["client params", "server params", "images"])
+def test_the_first_non_finite_step_is_kept_on_the_device(
+    adc_protocol, adc_programs, model, params, batch, path, where
+):
+    step_fn = getattr(adc_programs, path)
+    state, metrics = step_fn(fresh_state(adc_protocol, model, params), batch)
+    assert int(metrics["bad_step"]) == 0 and bool(metrics["finite"])
+    bad_batch = batch
+    if where == "client params":
+        state = state._replace(client=state.client._replace(params=_poison(state.client.params)))
+    elif where == "server params":
+        state = state._replace(server=state.server._replace(params=_poison(state.server.params)))
+    else:
+        bad_batch = {**batch, "image": batch["image"].at[3, 0, 0, 0].set(jnp.inf)}
+    state, metrics = step_fn(state, bad_batch)  # step 2
+    assert int(metrics["bad_step"]) == 2 and not bool(metrics["finite"])
+    for _ in range(2):  # later steps keep the first bad step
+        state, metrics = step_fn(state, batch)
+    assert int(metrics["bad_step"]) == int(state.bad_step) == 2 and int(state.step) == 4
+
+
 @pytest.mark.parametrize("batch_size", [16, 24])  # T = 8 shards over 8 devices; T = 12 does not
 def test_one_device_equals_eight(model, params, batch_size):
     protocol = make_protocol(model, ADC(xi=0.25))

@@ -5,6 +5,7 @@ import json
 import math
 import os
 
+import config_kit
 import pytest
 
 from adc_jax import paper, plots, sweep
@@ -166,19 +167,12 @@ def test_lock_is_exclusive_but_a_dead_owner_is_taken_over(tmp_path):
 @pytest.fixture
 def tiny_args(fashion_dir):
     """CLI overrides: the tiny test ViT on real Fashion-MNIST, 3 steps, evaluated at 2 and 3."""
-    overrides = {
-        "model.name": "vit_test_patch4_16",
-        "dataset.data_dir": str(fashion_dir),
-        "batch_size": 16,
-        "eval_batch_size": 1000,
-        "budget.steps": 3,
-        "eval_every_steps": 2,
-        "log_every_steps": 1,
-        "devices.count": 1,
-        "progress": False,
-    }
+    overrides = config_kit.tiny_fields(
+        fashion_dir, **{"budget.steps": 3, "eval_every_steps": 2, "log_every_steps": 1}
+    )
+    del overrides["checkpoint_every_steps"]
     args = ["--config", FASHION_CONFIG, "--methods", "base,adc", "--xi", "0.25", "--seeds", "0"]
-    return args + [f"--config.{key}={value}" for key, value in overrides.items()]
+    return args + config_kit.as_flags(overrides)
 
 
 def read_csv(path):

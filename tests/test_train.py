@@ -1,11 +1,11 @@
 """train_and_evaluate end to end: real data, mock CIFAR-100, resume, the budget, clear errors."""
 
-import importlib.util
 import json
 import math
 import os
 import sys
 
+import config_kit
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,27 +17,10 @@ from adc_jax import data, split, train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_config(name, arg=None):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
 @pytest.fixture
 def tiny(fashion_dir):
     """The Fashion-MNIST config on the tiny test ViT: a few seconds per run."""
-    c = load_config("vit_fashion_mnist")
-    c.model.name = "vit_test_patch4_16"  # 16×16 RGB: Fashion-MNIST is resized and tiled
-    c.dataset.data_dir = str(fashion_dir)
-    c.batch_size = 16
-    c.eval_batch_size = 1000
-    c.budget.steps = 6
-    c.log_every_steps = 2
-    c.checkpoint_every_steps = 3
-    c.devices.count = 1
-    c.progress = False
-    return c
+    return config_kit.tiny_config(fashion_dir)
 
 
 def read_metrics(workdir):
@@ -125,7 +108,7 @@ def test_eight_devices_run(tiny, tmp_path):
 
 def test_cifar100_config_code_path_without_tensorflow(tmp_path):
     """The paper's CIFAR-100 config (tiny model) through mock tfds data and augmentation."""
-    config = load_config("deit_t_cifar100", "runlocal")
+    config = config_kit.load("deit_t_cifar100", "runlocal")
     config.dataset.data_dir = str(tmp_path / "tfds")
     config.progress = False
     config.devices.count = 1
@@ -162,11 +145,6 @@ def test_unprepared_dataset_names_the_prepare_command(tiny, tmp_path):
     tiny.dataset.data_dir = str(tmp_path)
     with pytest.raises(data.DatasetNotPreparedError, match="python -m adc_jax.data prepare"):
         train.setup(tiny)
-
-
-def test_nan_guard_names_the_step():
-    with pytest.raises(FloatingPointError, match="step 7"):
-        train._check_finite(7, {"loss": float("nan")})
 
 
 def test_state_is_a_plain_pytree(tiny):
@@ -221,11 +199,11 @@ def test_speed_and_seconds_to_target_from_metrics_rows(tmp_path):
 def test_deit_tiny_fashion_mnist_config():
     """DeiT-Tiny at 224 px on the 28 px grey images: setup() tiles them to RGB and resizes on
     the device (the :runlocal variant runs that path in tests/test_benchmarks.py)."""
-    c = load_config("deit_t_fashion_mnist")
+    c = config_kit.load("deit_t_fashion_mnist")
     model = (c.model.name, c.model.split_index, c.model.dtype)
     assert model == ("deit_tiny_patch16_224", 3, "auto")
     run = (c.dataset.name, c.method.name, c.method.xi, c.target_accuracy)
     assert run == ("fashion_mnist", "adc", 0.1, 0.8)
-    assert load_config("deit_t_fashion_mnist", "runlocal").model.name == "vit_test_patch4_16"
+    assert config_kit.load("deit_t_fashion_mnist", "runlocal").model.name == "vit_test_patch4_16"
     with pytest.raises(ValueError, match="expected 'runlocal'"):
-        load_config("deit_t_fashion_mnist", "full")
+        config_kit.load("deit_t_fashion_mnist", "full")
