@@ -45,6 +45,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.dataset.name = "fashion_mnist"  # fashion_mnist | cifar10 | cifar100 | food101
     c.dataset.data_dir = ""  # tfds data_dir; '' = tfds' default (~/tensorflow_datasets)
     c.dataset.source_dir = ""  # raw files to prepare from ('' = the dataset's default place)
+    # '' = every class; else e.g. '5-9' or '0,2,4': train and evaluate on these classes only,
+    # relabelled 0..k-1 in that order (fine-tuning on classes a pretrained model has not seen).
+    c.dataset.classes = ""
     c.dataset.augment = False  # RandAugment(2, 9) + ColorJitter(0.4, 0.4, 0.4) + flip (paper)
 
     c.method = ml_collections.ConfigDict()

@@ -78,13 +78,13 @@ def paper_xi(method: str, knobs: dict[str, Any], cut: CutShape) -> float:
 
 def cut_shape(config: ml_collections.ConfigDict) -> CutShape:
     """What one client sends per step under ``config`` (the knobs depend on B, N, D)."""
-    from adc_jax import data, train, vit
+    from adc_jax import train, vit
 
     model = vit.get_model_config(config.model.name)
     clients = 1
     if config.devices.per_client:
         clients = len(train.select_devices(config))
-    info = data.dataset_info(config.dataset.name)
+    info = train.dataset_info(config)
     dtype = train.compute_dtype(config.model.dtype)
     return CutShape(
         config.batch_size // clients, model.seq_len, model.width, info.num_classes, dtype
@@ -211,7 +211,7 @@ def with_evals(config: ml_collections.ConfigDict, evals: int) -> ml_collections.
     """
     if evals <= 0 or config.eval_every_steps > 0:
         return config
-    from adc_jax import data, train
+    from adc_jax import train
     from adc_jax.methods import step_cost
 
     cut = cut_shape(config)
@@ -223,7 +223,7 @@ def with_evals(config: ml_collections.ConfigDict, evals: int) -> ml_collections.
         train.channel_from_config(config.link.downlink),
         clients=clients,
     )
-    total = train.plan_steps(config, cost, data.dataset_info(config.dataset.name).train_size)
+    total = train.plan_steps(config, cost, train.dataset_info(config).train_size)
     config = config.copy_and_resolve_references()
     config.eval_every_steps = max(1, math.ceil(total.total_steps / evals))
     return config

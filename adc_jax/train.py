@@ -186,7 +186,7 @@ def setup(config: ml_collections.ConfigDict) -> Experiment:
     if config.distributed:
         initialize_distributed()
     accelerator.warn_if_cpu_fallback()  # after distributed init: it starts JAX's backends
-    info = data_lib.dataset_info(config.dataset.name)
+    info = dataset_info(config)
     test_source = open_data(config, "test")
     method = method_from_config(config.method)
     devices = select_devices(config)
@@ -253,7 +253,8 @@ def setup(config: ml_collections.ConfigDict) -> Experiment:
 
 
 def open_data(config: ml_collections.ConfigDict, split_name: str):
-    """Opens a split, preparing the dataset first from local raw files when it can."""
+    """Opens a split (only ``dataset.classes``, when set), preparing the dataset first from local
+    raw files when it can."""
     name, data_dir = config.dataset.name, config.dataset.data_dir or None
     spec = data_lib.dataset_info(name)
     if config.dataset.source_dir and not data_lib.is_prepared(name, data_dir):
@@ -261,7 +262,22 @@ def open_data(config: ml_collections.ConfigDict, split_name: str):
             raise ValueError(f"{name} cannot be prepared from dataset.source_dir.")
         data_lib.prepare(name, data_dir, **{spec.source_args[0]: config.dataset.source_dir})
     data_lib.prepare_if_local(name, data_dir)
-    return data_lib.open_split(name, split_name, data_dir)
+    source = data_lib.open_split(name, split_name, data_dir)
+    classes = data_lib.parse_classes(config.dataset.classes)
+    return data_lib.ClassSubset(source, classes, spec.num_classes) if classes else source
+
+
+def dataset_info(config: ml_collections.ConfigDict) -> data_lib.DatasetSpec:
+    """The dataset's :class:`~adc_jax.data.DatasetSpec`; with ``dataset.classes``, its class
+    count and split sizes are those of the chosen classes (read from the data)."""
+    info = data_lib.dataset_info(config.dataset.name)
+    classes = data_lib.parse_classes(config.dataset.classes)
+    if not classes:
+        return info
+    sizes = {split: len(open_data(config, split)) for split in ("train", "test")}
+    return dataclasses.replace(
+        info, num_classes=len(classes), train_size=sizes["train"], test_size=sizes["test"]
+    )
 
 
 def initialize_distributed() -> None:

@@ -207,3 +207,16 @@ def test_deit_tiny_fashion_mnist_config():
     assert config_kit.load("deit_t_fashion_mnist", "runlocal").model.name == "vit_test_patch4_16"
     with pytest.raises(ValueError, match="expected 'runlocal'"):
         config_kit.load("deit_t_fashion_mnist", "full")
+
+
+def test_a_class_subset_is_a_smaller_task(tiny):
+    tiny.dataset.classes = "5-9"
+    exp = train.setup(tiny)
+    assert (exp.info.num_classes, exp.info.train_size, exp.info.test_size) == (5, 30_000, 5_000)
+    assert exp.cost.uplink["labels"] == 8 * 5 * 4  # T = 8 soft labels over the 5 classes
+    assert exp.model.config.num_classes == 5
+    labels = train.open_data(tiny, "train").get_batch(np.arange(1000))["label"]
+    assert set(labels.tolist()) == {0, 1, 2, 3, 4}
+    tiny.dataset.classes = "5-10"
+    with pytest.raises(ValueError, match=r"ids in 0\.\.9"):
+        train.setup(tiny)
