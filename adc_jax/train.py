@@ -150,12 +150,15 @@ class Experiment:
     test_source: Any
 
 
-def setup(config: ml_collections.ConfigDict) -> Experiment:
-    """Validates the config and builds model, method, protocol, programs and the schedule."""
+def setup(config: ml_collections.ConfigDict, *, open_test: bool = True) -> Experiment:
+    """Validates the config and builds model, method, protocol, programs and the schedule.
+
+    ``open_test=False`` leaves ``test_source`` None (a split-learning server holds no data).
+    """
     if config.distributed:
         initialize_distributed()
     info = data_lib.dataset_info(config.dataset.name)
-    test_source = open_data(config, "test")
+    test_source = open_data(config, "test") if open_test else None
     method = method_from_config(config.method)
     devices = select_devices(config)
     key = jax.random.key(config.seed)
