@@ -152,3 +152,60 @@ def wait_for_step(workdir, step: int, proc: Proc) -> None:
 def summary(workdir) -> dict:
     with open(os.path.join(str(workdir), "summary.json")) as f:
         return json.load(f)
+
+
+# ---- Certificates ---------------------------------------------------------------------------
+
+
+def make_certs(directory) -> dict[str, str]:
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate (PEM files),
+    plus a second CA that signed neither; returns their paths by name."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    paths = {}
+
+    def write(name, data):
+        paths[name] = os.path.join(str(directory), f"{name}.pem")
+        with open(paths[name], "wb") as f:
+            f.write(data)
+
+    def key_pem(key):
+        return key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def cert(subject, key, issuer, issuer_key, ca, san=None):
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return b.sign(issuer_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+    for ca_name in ("ca", "other_ca"):
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        write(ca_name, cert(ca_name, ca_key, ca_name, ca_key, True))
+        if ca_name == "ca":
+            signing_key = ca_key
+    san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    for name, names in (("server", san), ("client", None)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        write(f"{name}_key", key_pem(key))
+        write(name, cert(name, key, "ca", signing_key, False, names))
+    return paths

@@ -129,6 +129,8 @@ class SplitClient:
       client_index: this client's index in ``[0, net.num_clients)``; it picks the data shard.
       credentials, server_name: TLS (``transport.channel_credentials``) and the name the server's
         certificate carries (default: the host of ``server``).
+      train_source: the training split as a ``data.BatchSource`` (default: opened from the
+        config's dataset).
     """
 
     def __init__(
@@ -141,11 +143,15 @@ class SplitClient:
         client_index: int = 0,
         credentials: grpc.ChannelCredentials | None = None,
         server_name: str | None = None,
+        train_source=None,
     ):
         self.config = config
+        self._train_source = train_source
+        self._test_source = None
+        self._test_source = None
         self.workdir = workdir
         self.index = client_index
-        self.net = plan_lib.build(config, "client")
+        self.net = plan_lib.build(config)
         n = self.net.num_clients
         if not 0 <= client_index < n:
             raise ValueError(
@@ -258,7 +264,10 @@ class SplitClient:
     def evaluate(self, state: split.TrainState) -> float:
         """Test accuracy of this client's half with the server's, over the whole test split."""
         exp, correct, count = self.exp, 0, 0
-        for batch in data_lib.eval_batches(exp.test_source, batch_size=self.config.eval_batch_size):
+        if self._test_source is None:
+            self._test_source = train.open_data(self.config, "test")
+        batches = data_lib.eval_batches(self._test_source, batch_size=self.config.eval_batch_size)
+        for batch in batches:
             images = split.shard_batch({"image": batch["image"]}, exp.devices)["image"]
             sent = np.asarray(self.net.client_eval(state.client.params, state.method_state, images))
             frame = self._request(
@@ -305,8 +314,11 @@ class SplitClient:
             "bytes_down": step * cost.bytes_down,
         }
 
-    def run(self) -> dict[str, Any]:
-        """Trains, evaluates, tells the server it is done; returns (and writes) the summary."""
+    def run(self, evaluate: bool = True) -> dict[str, Any]:
+        """Trains, evaluates, tells the server it is done; returns (and writes) the summary.
+
+        ``evaluate=False`` trains only (``test_accuracy`` None), e.g. to measure the link.
+        """
         start_time = time.time()
         config, exp = self.config, self.exp
         os.makedirs(self.workdir, exist_ok=True)
@@ -315,7 +327,7 @@ class SplitClient:
         host_state, start = self._start_state()
         self.step = start
         self.train_seconds = 0.0
-        source = train.open_data(config, "train")
+        source = self._train_source or train.open_data(config, "train")
         total = exp.schedule.total_steps
         max_seconds, eval_seconds = config.net.max_train_seconds, config.net.eval_every_seconds
         writer = batches = None
@@ -345,12 +357,14 @@ class SplitClient:
                     first_step_done = True
                     s = self.step
                     due = s % exp.schedule.eval_every == 0 and s != total
-                    if due or 0 < eval_seconds <= self.train_seconds - last_eval:
+                    due |= 0 < eval_seconds <= self.train_seconds - last_eval
+                    if evaluate and due:
                         last_eval = self.train_seconds
                         self._evaluate_and_log(state, writer)
                 if self.step % exp.schedule.checkpoint_every and self.step != total:
                     self._save(state, self.step)  # stopped by net.max_train_seconds
-                test_accuracy = self._evaluate_and_log(state, writer)
+                if evaluate:
+                    test_accuracy = self._evaluate_and_log(state, writer)
                 break
             except Resync as r:
                 host_state = self._resync(r, host_state if state is None else state)
@@ -448,8 +462,9 @@ class SplitClient:
         }
         with open(os.path.join(self.workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
+        accuracy = "not evaluated" if test_accuracy is None else f"{test_accuracy:.4f}"
         print(
-            f"client {self.index}: {config.method.name} test accuracy {test_accuracy:.4f} after "
+            f"client {self.index}: {config.method.name} test accuracy {accuracy} after "
             f"{self.step} steps; accounted {summary['bytes_up'] / 2**20:.2f} MiB up, "
             f"{summary['bytes_down'] / 2**20:.2f} MiB down; on the wire {up / 2**20:.2f} MiB up, "
             f"{down / 2**20:.2f} MiB down. Outputs in {self.workdir}.",

@@ -294,8 +294,8 @@ def _identity(config: ml_collections.ConfigDict, exp: train.Experiment, payload)
     return json.loads(json.dumps(identity))  # as the other side receives it (lists, not tuples)
 
 
-def build(config: ml_collections.ConfigDict, side: str) -> NetExperiment:
-    """The experiment of one side (``"client"`` or ``"server"``) and the plan of its messages.
+def build(config: ml_collections.ConfigDict) -> NetExperiment:
+    """The experiment of either side and the plan of the messages (no data is opened).
 
     With ``n = net.num_clients``, every client trains on ``batch_size / n`` examples per step;
     the budget counts all clients together (each client runs the schedule's steps).
@@ -320,7 +320,7 @@ def build(config: ml_collections.ConfigDict, side: str) -> NetExperiment:
         )
     local = config.copy_and_resolve_references()
     local.batch_size = config.batch_size // n
-    exp = train.setup(local, open_test=side == "client")
+    exp = train.setup(local, open_test=False)  # a client opens its test split to evaluate
     model, protocol, method = exp.model, exp.protocol, exp.protocol.method
     cut = CutShape(local.batch_size, model.seq_len, model.width, exp.info.num_classes)
     all_clients = step_cost(method, cut, protocol.uplink, protocol.downlink, clients=n)

@@ -88,7 +88,7 @@ class SplitServer:
         self.workdir = workdir
         self._token = token
         self._credentials = credentials
-        self.net = plan_lib.build(config, "server")
+        self.net = plan_lib.build(config)
         self.plan = self.net.plan
         exp = self.net.exp
         self.devices = exp.devices
@@ -104,7 +104,7 @@ class SplitServer:
         self.replies: dict[int, _Reply] = {}
         self.done = [False] * self.n
         self.server_step = 0  # messages applied, all clients
-        self.stats = {"applied": 0, "replayed": 0, "skipped": 0, "gaps": 0, "rollbacks": 0}
+        self.stats = {"messages_applied": 0, "replayed": 0, "skipped": 0, "gaps": 0, "rollbacks": 0}
         self._checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"))
         self._saved_step = -1
         self.resumed_from_step = 0
@@ -337,7 +337,7 @@ class SplitServer:
         self.replies[client] = reply
         self.applied[client] = seq
         self.server_step += 1
-        self.stats["applied"] += 1
+        self.stats["messages_applied"] += 1
         if seq % self.every == 0:
             self._save()
         return "applied", seq, reply

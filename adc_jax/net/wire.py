@@ -19,16 +19,18 @@ codec  parameters   data
 raw    –            the array's own bytes
 bf16   –            float32 values that are exactly bfloat16, sent as bfloat16
 int8   scale f32    ``q`` int8 with ``x = q · scale`` (the int8 link channel)
-uniform lo, hi f32  ``b``-bit codes, bit-packed; ``x = lo + q·(hi − lo)/(2ᵇ − 1)``, top code
-                    ``hi`` (the quantize method and channel)
+uniform lo, hi f32, ``b``-bit codes, bit-packed; ``x = lo + q·(hi − lo)/(2ᵇ − 1)``, top
+       variant u8   code ``hi`` (the quantize method and channel); the variant says how the
+                    sender rounded that arithmetic (:func:`uniform_levels`)
 omit   –            nothing: the receiver rebuilds the array from the others (FedLite)
 ====== ============ ===================================================================
 
-Every codec is lossless for the values it is given: the link's rounding (bfloat16, int8, n-bit)
-happens inside the training programs, exactly as in one process, and the codec only packs the
-rounded values. :func:`encode_array` checks that the packed form gives the values back; an
-array that does not fit its codec (e.g. AWGN noise on top of a quantised payload) travels
-``raw`` instead, so nothing is ever changed by the wire format, only its size.
+The link's rounding (bfloat16, int8, n-bit) happens inside the training programs, exactly as in
+one process, and a codec only packs the rounded values: :func:`encode_array` checks that the
+packed form gives them back (``uniform``: to the bit when the sender's arithmetic is one of the
+four variants of :func:`uniform_levels`, as on XLA's CPU backend under ``jit``, else within one
+float rounding). An array that does not fit its codec (e.g. AWGN noise on top of a quantised
+payload) travels ``raw`` instead: the wire format changes sizes, never values.
 
 :func:`parse` checks the framing (magic, version, lengths, known dtypes and codecs, data sizes)
 and raises :class:`WireError` on anything malformed; checking the arrays against what the
@@ -74,7 +76,7 @@ _DTYPE_CODE = {name: i for i, name in enumerate(DTYPES)}
 # Codecs and the bytes of their parameters.
 RAW, BF16, INT8, UNIFORM, OMIT = range(5)
 CODECS = ("raw", "bf16", "int8", "uniform", "omit")
-_PARAM_BYTES = {RAW: 0, BF16: 0, INT8: 4, UNIFORM: 8, OMIT: 0}
+_PARAM_BYTES = {RAW: 0, BF16: 0, INT8: 4, UNIFORM: 9, OMIT: 0}
 
 if sys.byteorder != "little":  # buffers are sent as they lie in memory
     raise ImportError("adc_jax.net needs a little-endian machine.")
@@ -143,19 +145,29 @@ def _unpack_bits(data: bytes, bits: int, size: int) -> np.ndarray:
     return (planes << np.arange(bits, dtype=np.int64)).sum(axis=1)
 
 
-def uniform_levels(lo: np.float32, hi: np.float32, bits: int) -> np.ndarray:
+def uniform_levels(lo: np.float32, hi: np.float32, bits: int, variant: int = 0) -> np.ndarray:
     """The ``2ᵇ`` float32 values of :func:`adc_jax.link.uniform_quantize`'s grid.
 
-    ``lo + q·step`` with ``step = (hi − lo)·(1/(2ᵇ − 1))``, as XLA compiles it on CPU (the
-    division by a constant becomes a product by its reciprocal; the product and the sum are
-    one fused multiply-add, computed here in float64, which holds ``q·step`` exactly).
-    The top level is ``hi`` itself and a constant tensor is all ``lo``.
+    ``lo + q·step`` with ``step = (hi − lo)/(2ᵇ − 1)``; the top level is ``hi`` itself and a
+    constant tensor is all ``lo``. How the sender's compiler rounded that arithmetic is the
+    ``variant``: bit 0 set = ``step`` by a true division (else, as XLA compiles a division by a
+    constant, a product with the float32 reciprocal); bit 1 set = product and sum rounded
+    separately (else one fused multiply-add, computed here in float64, which holds ``q·step``
+    exactly).
     """
     levels = 2**bits - 1
-    span = np.float32(hi) - np.float32(lo)
-    step = np.float32(span * np.float32(1.0 / levels)) if span > 0 else np.float32(1.0)
-    q = np.arange(levels + 1, dtype=np.float64)
-    grid = (q * np.float64(step) + np.float64(lo)).astype(np.float32)
+    span = np.float32(np.float32(hi) - np.float32(lo))
+    if span <= 0:
+        step = np.float32(1.0)
+    elif variant & 1:
+        step = np.float32(span / np.float32(levels))
+    else:
+        step = np.float32(span * np.float32(1.0 / levels))
+    q = np.arange(levels + 1, dtype=np.float32)
+    if variant & 2:
+        grid = np.float32(lo) + q * step
+    else:
+        grid = (q.astype(np.float64) * np.float64(step) + np.float64(lo)).astype(np.float32)
     grid[-1] = hi
     return grid
 
@@ -170,13 +182,15 @@ def _encode_uniform(x: np.ndarray, bits: int) -> tuple[bytes, bytes] | None:
     else:
         codes = np.clip(np.rint((flat - np.float64(lo)) * levels / span), 0, levels)
         codes = codes.astype(np.int64)
-    grid = uniform_levels(lo, hi, bits)
-    # On the grid to within a quarter step: the codes are exact. The grid is the receiver's
-    # dequantisation; it equals the sender's values to the bit on the same platform.
+    # On the grid to within a quarter step: the codes are exact.
     tolerance = 0.25 * span / levels if span > 0 else 0.0
-    if np.max(np.abs(grid[codes].astype(np.float64) - flat)) > tolerance:
+    grids = [uniform_levels(lo, hi, bits, v) for v in range(4)]
+    if np.max(np.abs(grids[0][codes].astype(np.float64) - flat)) > tolerance:
         return None
-    return struct.pack("<ff", lo, hi), _pack_bits(codes, bits)
+    # The variant whose arithmetic gives the values to the bit (else the first: the values
+    # then come back within one rounding of the sender's).
+    variant = next((v for v, g in enumerate(grids) if _same_bits(g[codes], flat)), 0)
+    return struct.pack("<ffB", lo, hi, variant), _pack_bits(codes, bits)
 
 
 def _encode_int8(x: np.ndarray) -> tuple[bytes, bytes] | None:
@@ -226,11 +240,12 @@ def decode_array(codec: Codec, params: bytes, data: bytes, shape, dtype: str) ->
         q = np.frombuffer(data, np.int8).astype(np.float32)
         return (q * np.float32(scale)).astype(dt).reshape(shape)
     if codec.kind == "uniform":
-        lo, hi = struct.unpack("<ff", params)
+        lo, hi, variant = struct.unpack("<ffB", params)
+        if variant > 3:
+            raise WireError(f"Unknown uniform variant {variant}.")
         codes = _unpack_bits(data, codec.bits, math.prod(shape))
-        if codes.size and codes.max() >= 2**codec.bits:
-            raise WireError("A uniform code exceeds its bit width.")
-        return uniform_levels(np.float32(lo), np.float32(hi), codec.bits)[codes].reshape(shape)
+        grid = uniform_levels(np.float32(lo), np.float32(hi), codec.bits, variant)
+        return grid[codes].reshape(shape)
     raise WireError(f"Codec {codec.kind} carries no data to decode.")
 
 
