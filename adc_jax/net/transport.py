@@ -119,14 +119,17 @@ class Relay:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self._sockets.add(s)
             self.connections += 1
-            self._pump(inner, outer, self.up, "bytes_up")
-            self._pump(outer, inner, self.down, "bytes_down")
+            ends = _Ends(inner, outer, self._sockets)
+            self._pump(inner, outer, self.up, "bytes_up", ends)
+            self._pump(outer, inner, self.down, "bytes_down", ends)
 
     def _count(self, counter: str, n: int) -> None:
         with self._count_lock:
             setattr(self, counter, getattr(self, counter) + n)
 
-    def _pump(self, src: socket.socket, dst: socket.socket, link: Link, counter: str) -> None:
+    def _pump(
+        self, src: socket.socket, dst: socket.socket, link: Link, counter: str, ends: _Ends
+    ) -> None:
         chunks: queue.Queue = queue.Queue(maxsize=_QUEUED_CHUNKS)
 
         def read():
@@ -146,22 +149,40 @@ class Relay:
             try:
                 while True:
                     when, data = chunks.get()
-                    if data is None:
+                    if data is None:  # the sender closed its side: pass the close on
                         dst.shutdown(socket.SHUT_WR)
+                        ends.finished()
                         return
                     delay = when - time.monotonic()
                     if delay > 0:
                         time.sleep(delay)
                     dst.sendall(data)
-            except OSError:
-                pass
-            finally:  # one side is gone: drop the connection both ways
-                for s in (src, dst):
-                    _close(s)
-                    self._sockets.discard(s)
+            except OSError:  # a side is gone: drop the connection both ways
+                ends.close()
 
         threading.Thread(target=read, daemon=True, name=f"relay-{counter}-read").start()
         threading.Thread(target=write, daemon=True, name=f"relay-{counter}-write").start()
+
+
+class _Ends:
+    """The two sockets of one relayed connection, closed once both directions are finished."""
+
+    def __init__(self, inner: socket.socket, outer: socket.socket, registry: set):
+        self._sockets, self._registry = (inner, outer), registry
+        self._open = 2
+        self._lock = threading.Lock()
+
+    def finished(self) -> None:
+        with self._lock:
+            self._open -= 1
+            done = self._open == 0
+        if done:
+            self.close()
+
+    def close(self) -> None:
+        for s in self._sockets:
+            _close(s)
+            self._registry.discard(s)
 
 
 def _close(s: socket.socket) -> None:
