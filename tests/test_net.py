@@ -356,9 +356,9 @@ def test_one_client_over_the_network_gives_the_in_process_run(in_process, fashio
 def test_killing_and_restarting_each_side_gives_the_uninterrupted_run(
     in_process, fashion_dir, tmp_path
 ):
-    # A link latency makes a step take ~60 ms, so that the kills land mid-run.
+    # A link latency makes a step take over 100 ms, so that the kills land mid-run.
     overrides = net_kit.tiny_overrides(
-        fashion_dir, **RUN, **{"net.up_latency_ms": 30.0, "net.down_latency_ms": 30.0}
+        fashion_dir, **RUN, **{"net.up_latency_ms": 50.0, "net.down_latency_ms": 50.0}
     )
     server_dir, client_dir = tmp_path / "server", tmp_path / "client"
     token = server_dir / "token"

@@ -129,10 +129,11 @@ def main(argv):
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required.")
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
-    if argv[1] == "server":
-        _serve(_CONFIG.value, _WORKDIR.value)
-    else:
-        _client(_CONFIG.value, _WORKDIR.value)
+    run = _serve if argv[1] == "server" else _client
+    try:
+        run(_CONFIG.value, _WORKDIR.value)
+    except (ValueError, OSError) as e:  # a bad address, config value or file: no traceback
+        sys.exit(f"{argv[1]}: {e}")
 
 
 if __name__ == "__main__":

@@ -148,7 +148,6 @@ class SplitClient:
         self.config = config
         self._train_source = train_source
         self._test_source = None
-        self._test_source = None
         self.workdir = workdir
         self.index = client_index
         self.net = plan_lib.build(config)
@@ -168,6 +167,11 @@ class SplitClient:
             server_name=server_name,
         )
         self.incarnation = ""
+        self.step = 0  # steps done (the next one sent is step + 1)
+        self.train_seconds = 0.0
+        # Per step after the first: the exchange as the client sees it, and the server's share.
+        self.exchange_seconds: list[float] = []
+        self.server_seconds: list[float] = []
         self.wire = {k: WireCounts() for k in ("hello", "step", "eval", "sync", "done")}
         self.resyncs = {"rollback": 0, "skip": 0}
         self.retries = 0
@@ -233,6 +237,9 @@ class SplitClient:
     # ---- One step ----------------------------------------------------------------------------
 
     def _exchange(self, seq: int, payload) -> tuple[np.ndarray, dict[str, float]]:
+        """Sends step ``seq``'s payload; the gradient and the server's metrics."""
+        payload = jax.device_get(payload)  # waits for the forward pass: not the exchange's time
+        start = time.perf_counter()
         arrays = self.plan.payload_arrays(payload)
         frame = self._request(
             "Step",
@@ -243,6 +250,9 @@ class SplitClient:
         if meta["status"] == "skip":
             raise Resync("skip", meta["applied"])
         (gradient,) = self.plan.check(frame, (self.plan.gradient,)).values()
+        if self.step > 0 and meta["status"] == "applied":  # not the compiling first step
+            self.exchange_seconds.append(time.perf_counter() - start)
+            self.server_seconds.append(meta["server_seconds"])
         return gradient, {"loss": meta["loss"], "train_accuracy": meta["train_accuracy"]}
 
     def _sync(self, state: split.TrainState, round_: int) -> split.TrainState:
@@ -351,7 +361,8 @@ class SplitClient:
                 last_eval = self.train_seconds
                 while self.step < total and not 0 < max_seconds <= self.train_seconds:
                     tick = time.monotonic()
-                    state = self._train_step(state, next(batches), writer)
+                    state, metrics = self._train_step(state, next(batches))
+                    state = self._after_step(state, metrics, writer)
                     if first_step_done:  # the first step compiles both sides' programs
                         self.train_seconds += time.monotonic() - tick
                     first_step_done = True
@@ -383,15 +394,19 @@ class SplitClient:
         self.conn.close()
         return self._summary(test_accuracy, start, time.time() - start_time)
 
-    def _train_step(self, state: split.TrainState, batch, writer) -> split.TrainState:
-        """One step: forward, exchange, backward; then sync, checkpoint and metrics if due."""
-        exp, schedule = self.exp, self.exp.schedule
+    def _train_step(self, state: split.TrainState, batch) -> tuple[split.TrainState, dict]:
+        """One step: forward, exchange, backward (which donates ``state.client``)."""
+        exp = self.exp
         batch = split.shard_batch(batch, exp.devices)
         payload, vjp = exp.programs.client_forward(state, batch)
         gradient, metrics = self._exchange(self.step + 1, payload)
         client, step = exp.programs.client_backward(state.client, state.step, vjp, gradient)
-        state = state._replace(client=client, step=step)
-        self.step = s = self.step + 1
+        self.step += 1
+        return state._replace(client=client, step=step), metrics
+
+    def _after_step(self, state: split.TrainState, metrics, writer) -> split.TrainState:
+        """Sync, checkpoint and metrics of the step just done, where due."""
+        s, schedule = self.step, self.exp.schedule
         sync_every = self.config.net.sync_every
         if self.net.num_clients > 1 and sync_every > 0 and s % sync_every == 0:
             state = self._sync(state, s // sync_every)
@@ -449,6 +464,11 @@ class SplitClient:
             "client_index": self.index,
             "num_clients": self.net.num_clients,
             "train_seconds": self.train_seconds,
+            "exchange_seconds_median": _median(self.exchange_seconds),
+            "server_step_seconds_median": _median(self.server_seconds),
+            "transport_seconds_median": _median(
+                [a - b for a, b in zip(self.exchange_seconds, self.server_seconds, strict=True)]
+            ),
             "wall_seconds": wall,
             "resumed_from_step": start,
             "resyncs": self.resyncs,
@@ -471,3 +491,7 @@ class SplitClient:
             flush=True,
         )
         return summary
+
+
+def _median(values: list[float]) -> float | None:
+    return float(np.median(values)) if values else None

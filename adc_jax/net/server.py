@@ -62,6 +62,7 @@ class _Reply:
     gradient: np.ndarray
     loss: float
     train_accuracy: float
+    seconds: float  # server_step and the gradient's rounding, to the host
 
 
 class SplitServer:
@@ -305,7 +306,11 @@ class SplitServer:
         meta = {"status": status, "applied": applied}
         if reply is None:
             return wire.encode(wire.REPLY, meta)
-        meta.update(seq=reply.seq, loss=reply.loss, train_accuracy=reply.train_accuracy)
+        meta.update(
+            loss=reply.loss,
+            train_accuracy=reply.train_accuracy,
+            server_seconds=reply.seconds,  # the server step's own time, for the client's record
+        )
         return wire.encode(
             wire.REPLY, meta, [("gradient", reply.gradient, self.plan.gradient.codec)]
         )
@@ -325,6 +330,7 @@ class SplitServer:
         if seq > a + 1:
             self.stats["gaps"] += 1
             self._log("gap", client=client, seq=seq, applied=a)
+        start = time.perf_counter()
         side, gradient, metrics = self.net.exp.programs.server_step(
             self.side, self.method_state, payload
         )
@@ -332,8 +338,9 @@ class SplitServer:
         if self.net.rounding is not None:
             gradient = self.net.rounding(gradient)
         metrics = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in metrics.items()}
+        gradient = np.asarray(gradient)
         loss, accuracy = metrics["loss"], metrics["train_accuracy"]
-        reply = _Reply(seq, digest, np.asarray(gradient), loss, accuracy)
+        reply = _Reply(seq, digest, gradient, loss, accuracy, time.perf_counter() - start)
         self.replies[client] = reply
         self.applied[client] = seq
         self.server_step += 1
