@@ -14,12 +14,15 @@ batch 128, one CPU device per process) with a server and a client as two process
 
 * ``wire``: bytes per training step on the connection against the accounting, for every method
   (its default options; ``--steps`` steps, server and client in this process, loopback).
-* ``overhead``: time per training step of Base and ADC (ξ = 0.1) in one process
-  (``train.py``, the three-program split step) and over the unshaped loopback connection, both
-  the median over 10-step windows after the first window (compilation) with checkpoints and
-  evaluation outside the windows. The difference is what the transport adds per step:
-  serialisation, checks, gRPC and the byte-counting relay, and the lost overlap (one process
-  dispatches step ``t+1`` while step ``t`` runs; a client must wait for the gradient).
+* ``overhead``: what the transport adds to a training step of Base and ADC (ξ = 0.1) over the
+  unshaped loopback connection, measured inside the run: the median over steps of the client's
+  exchange (encoding the payload, the call, checking and decoding the reply) minus the server's
+  own step (``server_step``, the gradient's rounding and its copy to the host), i.e.
+  serialisation and checks on both sides, gRPC, the byte-counting relay and the threads' hand-offs.
+  Also the whole step's time in one process (``train.py``, the three-program split step) and over
+  the network, as medians over 10-step windows after the first (compilation), with checkpoints
+  and evaluation outside the windows; on a shared machine these two move by more than the
+  transport's share.
 * ``time-to-accuracy``: Base and ADC (ξ = 0.1, 0.25) over links of each ``--mbps`` (both
   directions, ``--latency-ms`` one way), each trained for ``--seconds`` of training time and
   evaluated on the whole test split every ``--eval-seconds`` of it. Training time excludes
@@ -218,7 +221,10 @@ def overhead(args) -> None:
                 "steps": s["steps"],
                 "in_process_step_s": statistics.median(in_process),
                 "network_step_s": statistics.median(over_net),
-                "overhead_per_step_s": per_step,
+                "transport_per_step_s": s["transport_seconds_median"],
+                "exchange_per_step_s": s["exchange_seconds_median"],
+                "server_step_s": s["server_step_seconds_median"],
+                "step_difference_s": per_step,
                 "in_process_windows_s": in_process,
                 "network_windows_s": over_net,
                 "bytes_per_step_up": s["bytes_up"] / s["steps"],
