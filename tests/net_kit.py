@@ -53,7 +53,7 @@ def _flags(overrides: dict) -> list[str]:
 
 
 def env() -> dict:
-    """The test session's environment, its compilation cache shared with the subprocesses."""
+    """This test run's environment, its compilation cache shared with the subprocesses."""
     out = {k: v for k, v in os.environ.items() if not k.startswith("ADC_")}
     out["PYTHONPATH"] = ROOT
     cache = jax.config.jax_compilation_cache_dir

@@ -23,7 +23,6 @@ Codecs follow the byte accounting of :mod:`adc_jax.methods` (``uplink_bytes`` /
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Callable
 from functools import partial
@@ -143,11 +142,6 @@ class Plan:
     params_tree: Any
     identity: dict[str, Any]  # compared at the handshake
     rebuild: Callable | None = None  # FedLite: activations from the other payload leaves
-
-    @property
-    def fingerprint(self) -> str:
-        text = json.dumps(self.identity, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def max_request_bytes(self) -> int:
         """The largest message a client may send (with generous room for headers)."""
