@@ -436,11 +436,11 @@ METHODS = {
 
 @pytest.mark.slow
 def test_wire_bytes_are_the_accounting_plus_framing_for_every_method(fashion_dir, tmp_path):
-    """Three steps per method between a server and a client in this process, over loopback."""
+    """Two steps per method between a server and a client in this process, over loopback."""
     source = train.open_data(load_config(net_kit.tiny_overrides(fashion_dir)), "train")
     for name, options in METHODS.items():
         overrides = net_kit.tiny_overrides(
-            fashion_dir, **{"method.name": name, **options, "batch_size": 64, "budget.steps": 3}
+            fashion_dir, **{"method.name": name, **options, "batch_size": 64, "budget.steps": 2}
         )
         config = load_config(overrides)
         server = SplitServer(config, str(tmp_path / f"{name}-server"), token=TOKEN)
