@@ -109,6 +109,23 @@ def default_config() -> ml_collections.ConfigDict:
     c.devices.count = 0  # local devices to use; 0 = all
     c.devices.per_client = False  # True: every device is a client that compresses its own batch
     c.fused_step = False  # one program per step instead of the three-message protocol
+
+    # Client and server as separate processes over gRPC (python -m adc_jax.net; docs/network.md).
+    c.net = ml_collections.ConfigDict()
+    c.net.num_clients = 1  # clients of one server; client i reads slice i of every global batch
+    c.net.sync_every = 0  # > 0: average the client halves through the server this often (SplitFed)
+    c.net.sync_timeout = 60.0  # seconds a sync round waits for missing clients, then averages
+    c.net.rpc_timeout = 60.0  # seconds per call, plus its bytes' time on a shaped link
+    c.net.retry_seconds = 300.0  # a client gives up after this long without a successful call
+    c.net.idle_timeout = 600.0  # the server stops after this long without a request
+    # The client's link to the server, shaped in its transport: Mbit/s (0 = unlimited) and
+    # one-way latency in milliseconds, per direction.
+    c.net.up_mbps = 0.0
+    c.net.down_mbps = 0.0
+    c.net.up_latency_ms = 0.0
+    c.net.down_latency_ms = 0.0
+    c.net.max_train_seconds = 0.0  # > 0: a client stops training after this much training time
+    c.net.eval_every_seconds = 0.0  # > 0: evaluate each time this much training time has passed
     c.distributed = False  # call jax.distributed.initialize() (multi-host TPU/GPU)
     c.progress = True  # a progress bar on stderr
     # TensorBoard event files beside metrics.jsonl, when tensorboardX is installed

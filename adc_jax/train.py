@@ -181,13 +181,16 @@ class Experiment:
     test_source: Any
 
 
-def setup(config: ml_collections.ConfigDict) -> Experiment:
-    """Validates the config and builds model, method, protocol, programs and the schedule."""
+def setup(config: ml_collections.ConfigDict, *, open_test: bool = True) -> Experiment:
+    """Validates the config and builds model, method, protocol, programs and the schedule.
+
+    ``open_test=False`` leaves ``test_source`` None (a split-learning server holds no data).
+    """
     if config.distributed:
         initialize_distributed()
     accelerator.warn_if_cpu_fallback()  # after distributed init: it starts JAX's backends
     info = dataset_info(config)
-    test_source = open_data(config, "test")
+    test_source = open_data(config, "test") if open_test else None
     method = method_from_config(config.method)
     devices = select_devices(config)
     key = jax.random.key(config.seed)

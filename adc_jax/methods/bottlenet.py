@@ -125,10 +125,13 @@ class BottleNet(Method):
         width = params["fc2"]["kernel"].shape[-1]  # D, from the decoder's own output layer
         return self.decoder(width).apply({"params": params}, payload.activations)
 
-    def eval_tokens(self, client_params, server_params, state, tokens):
-        # Encoder → decoder with no channel in between: the autoencoder is part of the model.
-        code = self.encoder(tokens.shape[-1]).apply({"params": client_params}, tokens)
-        return self.decode(server_params, state, Payload(code, jnp.zeros(()), {}))
+    # Encoder → decoder with no channel in between: the autoencoder is part of the model.
+    def eval_encode(self, params, state, tokens):
+        del state
+        return self.encoder(tokens.shape[-1]).apply({"params": params}, tokens)
+
+    def eval_decode(self, params, state, sent):
+        return self.decode(params, state, Payload(sent, jnp.zeros(()), {}))
 
     def xi_paper(self, cut: CutShape) -> float:
         return self.widths(cut.width)[1] / cut.width

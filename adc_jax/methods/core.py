@@ -14,7 +14,8 @@ A method decides what the client sends across the cut and how the server reads i
   a bfloat16 model sends half the bytes per value; labels and side information keep their own
   dtypes.
 * ``xi_paper`` is the paper-compatible compression ratio, and ``active_at_eval`` says whether the
-  method stays on at evaluation (only BottleNet++, whose autoencoder is part of the model).
+  method stays on at evaluation (only BottleNet++, whose autoencoder is part of the model);
+  ``eval_encode`` / ``eval_decode`` are the client and server halves of ``eval_tokens``.
 * ``selector`` (optional, default none) lets a method that keeps only some tokens per sample,
   chosen from the scores (ADC), have the client compute only those in its last block; ``encode``
   then receives the kept tokens and ``selection=``.
@@ -146,8 +147,18 @@ class Method:
         self, client_params: Any, server_params: Any, state: Any, tokens: jax.Array
     ) -> jax.Array:
         """What the server blocks see at evaluation (uncompressed unless ``active_at_eval``)."""
-        del client_params, server_params, state
+        sent = self.eval_encode(client_params, state, tokens)
+        return self.eval_decode(server_params, state, sent)
+
+    def eval_encode(self, params: Any, state: Any, tokens: jax.Array) -> jax.Array:
+        """Client side of :meth:`eval_tokens`: what crosses the cut at evaluation."""
+        del params, state
         return tokens
+
+    def eval_decode(self, params: Any, state: Any, sent: jax.Array) -> jax.Array:
+        """Server side of :meth:`eval_tokens`: tokens for the server blocks from ``sent``."""
+        del params, state
+        return sent
 
     # ---- Accounting ------------------------------------------------------------------------
 
