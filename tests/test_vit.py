@@ -264,7 +264,7 @@ def test_attention_equals_softmax_einsum(num_queries):
     q = jax.random.normal(keys[0], (2, num_queries, 3, 8))
     k, v = (2 * jax.random.normal(key, (2, 9, 3, 8)) for key in keys[1:])
     reference = grads(_softmax_einsum, q, k, v)
-    (out, row), g = grads(vit.attention_with_cls_row, q, k, v)
+    (out, row), g = grads(vit.attention, q, k, v)
     assert out.shape == (2, num_queries, 3, 8) and row.shape == (2, 9)
     np.testing.assert_allclose(row.sum(-1), 1.0, rtol=1e-6)
     assert_close((out, row), reference[0])
@@ -274,8 +274,8 @@ def test_attention_equals_softmax_einsum(num_queries):
 
 
 def test_block_gives_the_same_output_with_and_without_the_cls_row():
-    """The last client block (einsums, returns the row) and every other block
-    (``jax.nn.dot_product_attention``) compute the same function, gradients included."""
+    """The last client block (returns the row) and every other block compute the same function,
+    gradients included."""
     block = vit.Block(CONFIG.num_heads, CONFIG.mlp_dim)
     x = jax.random.normal(jax.random.key(4), (2, 17, 32))
     params = block.init(jax.random.key(5), x)
