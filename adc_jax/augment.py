@@ -1,8 +1,8 @@
 """On-device augmentation under ``jit``: the paper's training transform and the test transform.
 
 The host ships uint8 images at their stored size (CIFAR: 32×32) and the device augments them from a
-per-step key (ARCHITECTURE decision 7). :func:`train_augment` follows the paper's torchvision
-pipeline (ADC_SPEC §4), in its order:
+per-step key (docs/design.md). :func:`train_augment` follows the paper's torchvision
+pipeline (docs/paper_protocol.md), in its order:
 
 1. RandAugment (torchvision semantics): ``num_ops`` ops per image, each drawn uniformly from
    Identity, ShearX, ShearY, TranslateX, TranslateY, Rotate, Brightness, Color, Contrast,

@@ -1,4 +1,4 @@
-"""The ADC operator: merge similar samples, keep the most attended tokens (ADC_SPEC §2).
+"""The ADC operator: merge similar samples, keep the most attended tokens (docs/method.md §2).
 
 Public functions:
 
@@ -209,7 +209,7 @@ def compress(
     tol: float = 1e-4,
     axis_name: str | None = None,
 ) -> Compressed:
-    """Attention-based Double Compression of one batch (ADC_SPEC §2).
+    """Attention-based Double Compression of one batch (docs/method.md §2).
 
     1. K-means (Euclidean) on the score vectors into ``T = num_clusters`` clusters: initial
        centroids are ``T`` distinct rows of ``scores`` chosen with ``key``; Lloyd iterations until

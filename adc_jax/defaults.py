@@ -33,6 +33,7 @@ def default_config() -> ml_collections.ConfigDict:
     # '' trains from scratch; else a local .safetensors path or a hub id such as
     # 'timm/deit_tiny_patch16_224.fb_in1k' (the head is replaced for the dataset's classes).
     c.model.pretrained = ""
+    c.model.fresh_head = False  # a new head even when the class count is the checkpoint's
     # Compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16. Parameters,
     # optimiser state, logits and loss stay float32; the tokens sent across the cut (and the
     # gradient sent back) are in this dtype, and the byte counts follow it.
@@ -48,6 +49,7 @@ def default_config() -> ml_collections.ConfigDict:
     # '' = every class; else e.g. '5-9' or '0,2,4': train and evaluate on these classes only,
     # relabelled 0..k-1 in that order (fine-tuning on classes a pretrained model has not seen).
     c.dataset.classes = ""
+    c.dataset.train_examples = 0  # > 0: train on the first N examples (of those classes) only
     c.dataset.augment = False  # RandAugment(2, 9) + ColorJitter(0.4, 0.4, 0.4) + flip (paper)
 
     c.method = ml_collections.ConfigDict()
@@ -58,6 +60,10 @@ def default_config() -> ml_collections.ConfigDict:
     # adc: sqrt (T/B = k/N = √ξ) | fifth (T/B = ξ^(1/5), k/N = ξ^(4/5)) | release (T/B = √ξ,
     # k/N = ξ^(1/4): the authors' release code, which sends ξ^(3/4) while budgeting ξ)
     c.method.split = "sqrt"
+    # adc: T/B and k/N given apart (both > 0) instead of xi, e.g. to merge samples only
+    # (token_ratio = 1) or keep tokens only (batch_ratio = 1); 0 = from xi
+    c.method.batch_ratio = 0.0
+    c.method.token_ratio = 0.0
     c.method.max_iters = 50  # adc / fedlite: Lloyd iterations at most
     c.method.ratio = 4  # c3sl: R samples superposed into one
     c.method.key_kind = "unitary"  # c3sl: unitary (exact inverse at R = 1) | gaussian (reference)

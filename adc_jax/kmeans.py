@@ -1,8 +1,8 @@
 """Lloyd's K-means in JAX with static shapes and no empty clusters.
 
-The clustering step of ADC (ADC_SPEC §2.2): Euclidean distance, initial centroids drawn from
-``num_clusters`` distinct rows of the batch, Lloyd iterations until the squared total centre shift
-``(Σ_t ‖μ_t − μ_t^prev‖)²`` falls below ``tol`` or ``max_iters`` iterations ran.
+The clustering step of ADC (docs/method.md §2, step 2): Euclidean distance, initial centroids
+drawn from ``num_clusters`` distinct rows of the batch, Lloyd iterations until the squared total
+centre shift ``(Σ_t ‖μ_t − μ_t^prev‖)²`` falls below ``tol`` or ``max_iters`` iterations ran.
 
 Unlike the reference code, every cluster always has at least one member: after each assignment
 step, each empty cluster takes the sample that lies farthest from its own centroid among the

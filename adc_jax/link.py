@@ -4,7 +4,7 @@ What crosses the cut travels through a :class:`Channel` in each direction. :func
 place where that happens: its forward pass applies the uplink channel to the activations the
 client sends, its backward pass applies the downlink channel to the gradient the server returns.
 
-Channels (ADC_SPEC §5, §6):
+Channels (docs/method.md §4, §5):
 
 * ``identity`` – the values in their own dtype on the wire (the model's compute dtype: 4 bytes
   for float32, 2 for bfloat16), no change.

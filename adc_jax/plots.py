@@ -306,8 +306,18 @@ def _setting(groups: Sequence[Group]) -> tuple[str, str]:
     return ", ".join(models), ", ".join(datasets)
 
 
-def plot_accuracy_vs_xi(groups: Sequence[Group], path: str, *, title: str | None = None) -> None:
-    """Final test accuracy against the paper-compatible ξ (log axis), mean ± std over seeds."""
+def plot_accuracy_vs_xi(
+    groups: Sequence[Group],
+    path: str,
+    *,
+    title: str | None = None,
+    extra: Sequence[tuple[str, Sequence[RunResult]]] = (),
+) -> None:
+    """Final test accuracy against the paper-compatible ξ (log axis), mean ± std over seeds.
+
+    ``extra``: more lines, ``(label, runs)``, drawn thin and dotted against each run's measured
+    ξ (variants of a method, such as ADC with a low-precision link).
+    """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8), constrained_layout=True)
     model, dataset = _setting(groups)
@@ -340,6 +350,22 @@ def plot_accuracy_vs_xi(groups: Sequence[Group], path: str, *, title: str | None
             capsize=3,
             label=label,
             zorder=3 if method == "adc" else 2,
+        )
+    for i, (label, runs) in enumerate(extra):
+        by_xi: dict[float, list[RunResult]] = {}
+        for run in runs:
+            by_xi.setdefault(round(run.xi_measured, 6), []).append(run)
+        gs = [Group("extra", xi, rs) for xi, rs in sorted(by_xi.items())]
+        ax.errorbar(
+            [g.mean("xi_measured") for g in gs],
+            [g.mean("test_accuracy") for g in gs],
+            yerr=[g.std("test_accuracy") for g in gs],
+            color=f"C{len(COLORS) + i}",
+            marker="x",
+            ls=":",
+            lw=1.2,
+            capsize=2,
+            label=label,
         )
     if reference is not None:
         adc = reference["adc"]
@@ -507,9 +533,8 @@ def plot_sweep(
     body = notes + "\n" + markdown_table(rows, groups)
     reference = paper.reference(model, dataset)
     if reference is not None:
-        body += "\nThe paper's numbers for this setting (ADC_SPEC §4):\n\n" + paper_markdown(
-            reference
-        )
+        body += "\nThe paper's numbers for this setting (adc_jax/paper.py):\n\n"
+        body += paper_markdown(reference)
     _write_markdown(out + "_accuracy.md", "Final test accuracy vs compression ratio ξ", body)
     written += [out + "_accuracy.png", out + "_accuracy.csv", out + "_accuracy.md"]
 

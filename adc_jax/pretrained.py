@@ -323,6 +323,7 @@ def load_timm(
     key: jax.Array | None = None,
     image_size: int | None = None,
     dtype: vit.Dtype = jnp.float32,
+    fresh_head: bool = False,
 ) -> tuple[vit.SplitViT, dict[str, Params]]:
     """Load a timm ViT/DeiT checkpoint as a :class:`~adc_jax.vit.SplitViT` and its parameters.
 
@@ -333,6 +334,8 @@ def load_timm(
       split_index: blocks on the client, 1..L-1.
       num_classes: ``None`` or the checkpoint's class count keeps the checkpoint's head; another
         value replaces it with a fresh head drawn from ``key`` (logged as a warning).
+      fresh_head: replace the head even when the class count is the checkpoint's (fine-tuning on
+        another task with as many classes).
       key: PRNG key for a new head; required when the head is replaced.
       image_size: input size; ``None`` keeps the checkpoint's (read off its ``pos_embed`` grid:
         224 for the DeiT checkpoints). Another size resamples the position embedding (bicubic
@@ -366,11 +369,11 @@ def load_timm(
         num_classes=num_classes or ckpt_config.num_classes,
         image_size=image_size or ckpt_config.image_size,
     )
-    new_head = target.num_classes != ckpt_config.num_classes
+    new_head = fresh_head or target.num_classes != ckpt_config.num_classes
     if new_head and key is None:
         raise ValueError(
-            f"num_classes={num_classes} differs from the checkpoint's {ckpt_config.num_classes}: "
-            "the head is re-initialised, so pass key=jax.random.key(...)."
+            f"The {ckpt_config.num_classes}-class head of the checkpoint is replaced by a new "
+            f"{target.num_classes}-class head: pass key=jax.random.key(...) to draw it."
         )
     params = params_from_timm(state, ckpt_config, split_index)
 
@@ -379,7 +382,7 @@ def load_timm(
             "%s: replacing the checkpoint's %d-class head with a new %d-class head.",
             model_name,
             ckpt_config.num_classes,
-            num_classes,
+            target.num_classes,
         )
         params["server"]["head"] = vit.init_head(key, target.width, target.num_classes)
     if target.image_size != ckpt_config.image_size:

@@ -1,4 +1,4 @@
-"""The split-learning protocol: client forward, server step, client backward (ADC_SPEC §1).
+"""The split-learning protocol: client forward, server step, client backward (docs/method.md §1).
 
 One training step is three programs that exchange real messages:
 

@@ -104,18 +104,25 @@ class Run:
     knobs: tuple[tuple[str, Any], ...]  # config.method overrides, sorted
     xi_paper: float  # what the knobs achieve (paper-compatible)
     tag: str = ""  # the name's middle part; default xi<ξ target>
+    overrides: tuple[tuple[str, Any], ...] = ()  # other config fields, as (dotted name, value)
 
     @property
     def name(self) -> str:
         return run_name(self.method, self.xi_target, self.seed, self.tag)
 
     def config(self, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-        """``base`` with this run's method, knobs and seed."""
+        """``base`` with this run's method, knobs, seed and other overrides."""
         config = base.copy_and_resolve_references()
         config.method.name = self.method
         config.seed = self.seed
         for key, value in self.knobs:
             config.method[key] = value
+        for dotted, value in self.overrides:
+            *parents, leaf = dotted.split(".")
+            node = config
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
         return config
 
 
@@ -316,7 +323,12 @@ def run_grid(
                 continue
             with open(os.path.join(workdir, RUN_FILE), "w") as f:
                 json.dump(
-                    {**dataclasses.asdict(run), "knobs": dict(run.knobs), "name": run.name},
+                    {
+                        **dataclasses.asdict(run),
+                        "knobs": dict(run.knobs),
+                        "overrides": dict(run.overrides),
+                        "name": run.name,
+                    },
                     f,
                     indent=2,
                 )

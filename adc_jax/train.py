@@ -1,4 +1,7 @@
-"""The training loop: budget, evaluation, checkpoints, metrics, progress (ADC_SPEC §1, §3, §4).
+"""The training loop: budget, evaluation, checkpoints, metrics, progress.
+
+The protocol and the budget are those of docs/method.md §1 and §3 (the paper's settings:
+docs/paper_protocol.md).
 
 ``train_and_evaluate(config, workdir)`` runs one experiment and returns its summary. Everything
 it writes lands in ``workdir``:
@@ -153,6 +156,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, image_size:
             key=key,
             image_size=image_size,
             dtype=dtype,
+            fresh_head=config.model.fresh_head,
         )
         return dataclasses.replace(model, attention=config.model.attention), params
     model = vit.make_model(
@@ -256,8 +260,9 @@ def setup(config: ml_collections.ConfigDict, *, open_test: bool = True) -> Exper
 
 
 def open_data(config: ml_collections.ConfigDict, split_name: str):
-    """Opens a split (only ``dataset.classes``, when set), preparing the dataset first from local
-    raw files when it can."""
+    """Opens a split (only ``dataset.classes`` when set, and the first ``dataset.train_examples``
+    of the training split when set), preparing the dataset first from local raw files when it
+    can."""
     name, data_dir = config.dataset.name, config.dataset.data_dir or None
     spec = data_lib.dataset_info(name)
     if config.dataset.source_dir and not data_lib.is_prepared(name, data_dir):
@@ -267,19 +272,28 @@ def open_data(config: ml_collections.ConfigDict, split_name: str):
     data_lib.prepare_if_local(name, data_dir)
     source = data_lib.open_split(name, split_name, data_dir)
     classes = data_lib.parse_classes(config.dataset.classes)
-    return data_lib.ClassSubset(source, classes, spec.num_classes) if classes else source
+    if classes:
+        source = data_lib.class_subset(source, classes, spec.num_classes)
+    limit = config.dataset.train_examples
+    if split_name == "train" and 0 < limit < len(source):
+        source = data_lib.Subset(source, np.arange(limit))
+    return source
 
 
 def dataset_info(config: ml_collections.ConfigDict) -> data_lib.DatasetSpec:
-    """The dataset's :class:`~adc_jax.data.DatasetSpec`; with ``dataset.classes``, its class
-    count and split sizes are those of the chosen classes (read from the data)."""
+    """The dataset's :class:`~adc_jax.data.DatasetSpec`; with ``dataset.classes`` or
+    ``dataset.train_examples``, the class count and split sizes of what is used (read from the
+    data)."""
     info = data_lib.dataset_info(config.dataset.name)
     classes = data_lib.parse_classes(config.dataset.classes)
-    if not classes:
+    if not classes and not 0 < config.dataset.train_examples < info.train_size:
         return info
     sizes = {split: len(open_data(config, split)) for split in ("train", "test")}
     return dataclasses.replace(
-        info, num_classes=len(classes), train_size=sizes["train"], test_size=sizes["test"]
+        info,
+        num_classes=len(classes) or info.num_classes,
+        train_size=sizes["train"],
+        test_size=sizes["test"],
     )
 
 

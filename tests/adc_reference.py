@@ -1,4 +1,5 @@
-"""Plain NumPy reference for the ADC operator (ADC_SPEC §2), written from the spec, not the code.
+"""Plain NumPy reference for the ADC operator (docs/method.md §2), written from the method's
+description, not from the code.
 
 Used by tests only. Everything is float64 unless said otherwise, so comparisons against the JAX
 float32 implementation use a tolerance; the exceptions are spelt out where exact equality is meant.
@@ -43,7 +44,7 @@ def merge(
     labels: np.ndarray | None = None,
     centroids_for_selection: np.ndarray | None = None,
 ) -> Merged:
-    """Steps 2–3 of ADC_SPEC §2 for a given assignment.
+    """Steps 2–3 of docs/method.md §2 for a given assignment.
 
     Merged tokens are the mean over members of all N tokens, then the gather of the kept positions;
     labels and centroids are member means. ``centroids_for_selection`` (default: the reference's
@@ -75,7 +76,7 @@ class Lloyd(NamedTuple):
 
 
 def lloyd(points: np.ndarray, init: np.ndarray, max_iters: int = 50, tol: float = 1e-4) -> Lloyd:
-    """Plain Lloyd iterations from ``init`` in float32, stopping as ADC_SPEC §2 says.
+    """Plain Lloyd iterations from ``init`` in float32, stopping as docs/method.md §2 says.
 
     One iteration: assign each point to its nearest centroid (ties to the lower cluster), replace
     each centroid by its members' mean, and stop once ``(Σ_t ‖μ_t − μ_t^prev‖)² < tol`` or after

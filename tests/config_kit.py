@@ -1,4 +1,5 @@
-"""Configs for the tests: the repository's config files, and the tiny Fashion-MNIST run.
+"""Configs for the tests: the repository's config files, the tiny Fashion-MNIST run, and
+finished run directories made up for tests of what reads them.
 
 Most end-to-end tests train the Fashion-MNIST config on the tiny test ViT (16×16 RGB: the images
 are resized and tiled on the device) for a few steps: :func:`tiny_fields` lists those overrides
@@ -6,8 +7,10 @@ once, as ``{dotted field: value}``, for a config object (:func:`tiny_config`) or
 line (:func:`as_flags`).
 """
 
+import json
 import os
 
+from adc_jax import sweep
 from adc_jax.defaults import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,3 +64,35 @@ def tiny_config(data_dir, **changes):
 def as_flags(fields: dict) -> list[str]:
     """``--config.<field>=<value>`` command-line overrides."""
     return [f"--config.{key}={value}" for key, value in fields.items()]
+
+
+def fake_run(root, method, xi, seed, accuracy, *, model="deit_tiny_patch16_224", name=None):
+    """A finished workdir as train_and_evaluate and the sweep leave it (``name``: the sweep's
+    ``<method>-xi<ξ>-s<seed>`` by default)."""
+    workdir = os.path.join(root, name or sweep.run_name(method, xi, seed))
+    os.makedirs(workdir)
+    per_step = 1000.0 * xi
+    steps = round(10 / xi)
+    with open(os.path.join(workdir, "sweep.json"), "w") as f:
+        json.dump({"method": method, "xi_target": xi, "seed": seed, "xi_paper": xi}, f)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(
+            {
+                "method": method,
+                "model": model,
+                "dataset": "cifar100",
+                "test_accuracy": accuracy,
+                "steps": steps,
+                "xi_nominal": xi,
+                "xi_measured": xi * 1.1,
+                "bytes_up": steps * per_step,
+                "bytes_down": steps * per_step,
+                "wall_seconds": 5.0,
+                "resumed_from_step": 0,
+            },
+            f,
+        )
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        for step in (steps // 2, steps):
+            row = {"step": step, "bytes_up": step * per_step, "bytes_down": step * per_step}
+            f.write(json.dumps({**row, "test_accuracy": accuracy * step / steps}) + "\n")

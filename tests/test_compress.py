@@ -1,5 +1,5 @@
-"""The ADC operator (ADC_SPEC §2): the ξ → (T, k) plan, exactness against a NumPy reference of the
-spec, no empty clusters, determinism, gradients, and jit / vmap / pmap.
+"""The ADC operator (docs/method.md §2): the ξ → (T, k) plan, exactness against a NumPy reference
+of the method, no empty clusters, determinism, gradients, and jit / vmap / pmap.
 
 Every new shape costs an XLA compilation, so the tests reuse a few shapes; hypothesis randomises
 values freely and shapes within small sets.
@@ -87,7 +87,7 @@ def run(tokens, scores, shape, key=0, labels=None, **kwargs):
 
 
 def assert_matches_spec(out, tokens, scores, labels, shape):
-    """The output is ADC_SPEC §2 steps 2–3 applied to ``out.assignment``, and well formed."""
+    """The output is docs/method.md §2 steps 2–3 applied to ``out.assignment``, and well formed."""
     batch, seq_len, dim, num_clusters, num_tokens = shape
     assignment = np.asarray(out.assignment)
     size = np.asarray(out.cluster_size)

@@ -548,7 +548,7 @@ def test_class_subset_keeps_and_relabels_the_chosen_classes():
     labels = np.arange(40, dtype=np.int32) % 10
     images = np.arange(40, dtype=np.uint8).reshape(40, 1, 1, 1).repeat(2, axis=1)
     source = data.ArraySource(images, labels)
-    subset = data.ClassSubset(source, data.parse_classes("7,5-6"), num_classes=10)
+    subset = data.class_subset(source, data.parse_classes("7,5-6"), num_classes=10)
     assert len(subset) == 12 and subset.image_shape == source.image_shape
     batch = subset.get_batch(np.arange(12))
     original = batch["image"][:, 0, 0, 0] % 10  # the image holds its row number
@@ -566,7 +566,7 @@ def test_class_subset_keeps_and_relabels_the_chosen_classes():
         def get_batch(self, indices):
             return source.get_batch(indices)
 
-    read = data.ClassSubset(Records(), (7, 5, 6), num_classes=10)
+    read = data.class_subset(Records(), (7, 5, 6), num_classes=10)
     np.testing.assert_array_equal(read.rows, subset.rows)
     assert data.parse_classes("") == () and data.parse_classes(" 0-2, 9") == (0, 1, 2, 9)
     with pytest.raises(ValueError, match="twice"):
@@ -574,4 +574,4 @@ def test_class_subset_keeps_and_relabels_the_chosen_classes():
     with pytest.raises(ValueError, match="like '5-9'"):
         data.parse_classes("five")
     with pytest.raises(ValueError, match=r"ids in 0\.\.9"):
-        data.ClassSubset(source, (9, 10), num_classes=10)
+        data.class_subset(source, (9, 10), num_classes=10)

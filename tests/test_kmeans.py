@@ -1,5 +1,5 @@
-"""K-means (ADC_SPEC §2.2): plain Lloyd from the keyed initial rows, the stopping rule, and the
-rule that keeps every cluster non-empty."""
+"""K-means (docs/method.md §2, step 2): plain Lloyd from the keyed initial rows, the stopping
+rule, and the rule that keeps every cluster non-empty."""
 
 import functools
 import importlib
@@ -113,8 +113,9 @@ def test_tolerance_controls_the_stop():
 
 
 def test_stopping_rule_is_the_squared_total_centre_shift():
-    # ADC_SPEC §2.2: stop once (Σ_t ‖μ_t − μ_t^prev‖)² < tol. The first shift is measured from the
-    # initial rows; a tol just above its square stops after one iteration, just below does not.
+    # docs/method.md §2, step 2: stop once (Σ_t ‖μ_t − μ_t^prev‖)² < tol. The first shift is
+    # measured from the initial rows; a tol just above its square stops after one iteration, just
+    # below does not.
     rng = np.random.default_rng(5)
     points = rng.normal(size=(P, F)).astype(np.float32)
     key = jax.random.key(2)

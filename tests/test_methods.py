@@ -1,5 +1,5 @@
-"""The baseline methods (ADC_SPEC §5) behind the method interface: what each sends, how the server
-reads it, what comes back, what it costs in bytes, and two steps of the real protocol each.
+"""The baseline methods (docs/method.md §4) behind the method interface: what each sends, how the
+server reads it, what comes back, what it costs in bytes, and two steps of the real protocol each.
 
 Every new shape is an XLA compilation, so the tests share one cut (B = 8, N = 5, D = 8, C = 10)
 and one jitted encode → decode per method.

@@ -178,7 +178,7 @@ def test_not_a_vit_checkpoint(tmp_path):
 
 
 def test_new_head_needs_a_key(ckpt):
-    with pytest.raises(ValueError, match=r"num_classes=5 differs from the checkpoint's 10.*key="):
+    with pytest.raises(ValueError, match=r"10-class head .* replaced by a new 5-class head.*key="):
         pretrained.load_timm(ckpt, model_name=NAME, split_index=2, num_classes=5)
 
 
@@ -335,3 +335,15 @@ def test_resized_model_matches_real_timm(timm_outputs):
     diff = float(np.abs(np.asarray(logits) - np.load(timm_outputs / "logits_112.npy")).max())
     print(f"\nmax |logits - timm| deit_tiny 112 px (resampled pos_embed): {diff:.3g}")
     assert diff <= TOL
+
+
+def test_fresh_head_replaces_a_head_of_the_same_size(ckpt, loaded):
+    kept = loaded[1]["server"]["head"]["kernel"]
+    _, params = pretrained.load_timm(
+        ckpt, model_name=NAME, split_index=2, num_classes=10, key=jax.random.key(3), fresh_head=True
+    )
+    head = params["server"]["head"]
+    assert head["kernel"].shape == kept.shape and not np.array_equal(head["kernel"], kept)
+    assert not bool(head["bias"].any())
+    with pytest.raises(ValueError, match="key="):
+        pretrained.load_timm(ckpt, model_name=NAME, split_index=2, fresh_head=True)

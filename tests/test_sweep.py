@@ -233,43 +233,12 @@ def test_tiny_grid_runs_skips_resumes_and_plots(tiny_args, tmp_path, capsys, mon
 # ---- Plots from synthetic runs (seeds, the paper's reference) ------------------------------
 
 
-def fake_run(root, method, xi, seed, accuracy, *, model="deit_tiny_patch16_224"):
-    """A finished workdir as train_and_evaluate and the sweep leave it."""
-    workdir = os.path.join(root, sweep.run_name(method, xi, seed))
-    os.makedirs(workdir)
-    per_step = 1000.0 * xi
-    steps = round(10 / xi)
-    with open(os.path.join(workdir, "sweep.json"), "w") as f:
-        json.dump({"method": method, "xi_target": xi, "seed": seed, "xi_paper": xi}, f)
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(
-            {
-                "method": method,
-                "model": model,
-                "dataset": "cifar100",
-                "test_accuracy": accuracy,
-                "steps": steps,
-                "xi_nominal": xi,
-                "xi_measured": xi * 1.1,
-                "bytes_up": steps * per_step,
-                "bytes_down": steps * per_step,
-                "wall_seconds": 5.0,
-                "resumed_from_step": 0,
-            },
-            f,
-        )
-    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
-        for step in (steps // 2, steps):
-            row = {"step": step, "bytes_up": step * per_step, "bytes_down": step * per_step}
-            f.write(json.dumps({**row, "test_accuracy": accuracy * step / steps}) + "\n")
-
-
 def test_plots_average_seeds_and_draw_the_paper_reference(tmp_path):
     root = str(tmp_path / "runs")
     for seed, (base, adc) in enumerate([(0.80, 0.70), (0.82, 0.74)]):
-        fake_run(root, "base", 1.0, seed, base)
-        fake_run(root, "adc", 0.1, seed, adc)
-    fake_run(root, "topk", 0.1, 0, 0.6)
+        config_kit.fake_run(root, "base", 1.0, seed, base)
+        config_kit.fake_run(root, "adc", 0.1, seed, adc)
+    config_kit.fake_run(root, "topk", 0.1, 0, 0.6)
     os.makedirs(os.path.join(root, "c3sl-xi0.1-s0"))  # started, never finished
     open(os.path.join(root, "c3sl-xi0.1-s0", "sweep.json"), "w").write("{}")
 

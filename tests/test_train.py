@@ -217,6 +217,9 @@ def test_a_class_subset_is_a_smaller_task(tiny):
     assert exp.model.config.num_classes == 5
     labels = train.open_data(tiny, "train").get_batch(np.arange(1000))["label"]
     assert set(labels.tolist()) == {0, 1, 2, 3, 4}
+    tiny.dataset.train_examples = 1000
+    assert train.dataset_info(tiny).train_size == 1000
+    assert set(train.open_data(tiny, "train").get_batch(np.arange(1000))["label"]) <= set(range(5))
     tiny.dataset.classes = "5-10"
     with pytest.raises(ValueError, match=r"ids in 0\.\.9"):
         train.setup(tiny)

@@ -156,37 +156,18 @@ def parse_classes(text: str) -> tuple[int, ...]:
     return tuple(classes)
 
 
-class ClassSubset:
-    """The examples of some classes of a split, relabelled ``0..len(classes)-1`` in that order.
-
-    For fine-tuning on a task the model has not seen (pretrain on Fashion-MNIST's classes 0–4,
-    fine-tune on 5–9 with a new head). The rows are found once, from the source's ``labels``
-    (in-memory splits) or by reading the split; batches are the source's, relabelled.
+class Subset:
+    """Some examples of a split (``rows``, in that order), their labels optionally mapped.
 
     Args:
       source: a :class:`BatchSource`.
-      classes: class ids of ``source``; class ``classes[i]`` becomes label ``i``.
-      num_classes: the source's class count, to check the ids against.
+      rows: indices into ``source``.
+      relabel: ``None``, or an int32 array mapping each of ``source``'s labels to a new one.
     """
 
-    def __init__(self, source: BatchSource, classes: Sequence[int], num_classes: int):
-        classes = np.asarray(classes, np.int64)
-        if classes.size == 0 or classes.min() < 0 or classes.max() >= num_classes:
-            raise ValueError(
-                f"dataset.classes must be ids in 0..{num_classes - 1}; got {classes.tolist()}."
-            )
-        labels = getattr(source, "labels", None)
-        if labels is None:
-            labels = np.concatenate(
-                [
-                    source.get_batch(np.arange(i, min(i + 4096, len(source))))["label"]
-                    for i in range(0, len(source), 4096)
-                ]
-            )
-        relabel = np.full(num_classes, -1, np.int32)
-        relabel[classes] = np.arange(len(classes), dtype=np.int32)
+    def __init__(self, source: BatchSource, rows: np.ndarray, relabel: np.ndarray | None = None):
         self.source = source
-        self.rows = np.flatnonzero(relabel[labels] >= 0)
+        self.rows = np.asarray(rows, np.int64)
         self.relabel = relabel
         self.image_shape = source.image_shape
         self.worker_count = source.worker_count
@@ -196,7 +177,39 @@ class ClassSubset:
 
     def get_batch(self, indices: np.ndarray) -> Batch:
         batch = self.source.get_batch(self.rows[np.asarray(indices, np.int64)])
+        if self.relabel is None:
+            return batch
         return {**batch, "label": self.relabel[batch["label"]]}
+
+
+def class_subset(source: BatchSource, classes: Sequence[int], num_classes: int) -> Subset:
+    """The examples of some classes, relabelled ``0..len(classes)-1`` in that order.
+
+    For fine-tuning on a task the model has not seen (pretrain on Fashion-MNIST's classes 0–4,
+    fine-tune on 5–9 with a new head). The rows are found once, from the source's ``labels``
+    (in-memory splits) or by reading the split.
+
+    Args:
+      source: a :class:`BatchSource`.
+      classes: class ids of ``source``; class ``classes[i]`` becomes label ``i``.
+      num_classes: the source's class count, to check the ids against.
+    """
+    classes = np.asarray(classes, np.int64)
+    if classes.size == 0 or classes.min() < 0 or classes.max() >= num_classes:
+        raise ValueError(
+            f"dataset.classes must be ids in 0..{num_classes - 1}; got {classes.tolist()}."
+        )
+    labels = getattr(source, "labels", None)
+    if labels is None:
+        labels = np.concatenate(
+            [
+                source.get_batch(np.arange(i, min(i + 4096, len(source))))["label"]
+                for i in range(0, len(source), 4096)
+            ]
+        )
+    relabel = np.full(num_classes, -1, np.int32)
+    relabel[classes] = np.arange(len(classes), dtype=np.int32)
+    return Subset(source, np.flatnonzero(relabel[labels] >= 0), relabel)
 
 
 def load_arrays(

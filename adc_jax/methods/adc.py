@@ -1,4 +1,4 @@
-"""ADC: Attention-based Double Compression (ADC_SPEC §2) as a split-learning method."""
+"""ADC: Attention-based Double Compression (docs/method.md §2) as a split-learning method."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ class ADC(Method):
     ``T/B = ξ^(1/5)``, ``k/N = ξ^(4/5)``; ``"release"``: ``T/B = √ξ``, ``k/N = ξ^(1/4)``, which
     sends ``ξ^(3/4)``), or from explicit ratios, or explicit counts; see
     :func:`adc_jax.compression_plan`. With ``xi`` given, the budget counts the nominal ``ξ``
-    whatever the split (as the authors' code does); the exact bytes show what was sent.
+    whatever the split (as the authors' code does); the exact bytes show what was sent. A ratio
+    or count of 0 means "not given" (config files cannot hold ``None``).
     """
 
     name: ClassVar[str] = "adc"
@@ -35,17 +36,18 @@ class ADC(Method):
     tol: float = 1e-4
 
     def plan(self, batch_size: int, seq_len: int) -> CompressionPlan:
-        ratios = self.batch_ratio is not None or self.token_ratio is not None
-        counts = self.num_clusters is not None or self.num_tokens is not None
+        given = lambda value: value or None  # 0 (a config's "unset") or None
+        ratios = given(self.batch_ratio) or given(self.token_ratio)
+        counts = given(self.num_clusters) or given(self.num_tokens)
         return compression_plan(
             batch_size,
             seq_len,
             None if ratios or counts else self.xi,
             split=self.split,
-            batch_ratio=self.batch_ratio,
-            token_ratio=self.token_ratio,
-            num_clusters=self.num_clusters,
-            num_tokens=self.num_tokens,
+            batch_ratio=given(self.batch_ratio),
+            token_ratio=given(self.token_ratio),
+            num_clusters=given(self.num_clusters),
+            num_tokens=given(self.num_tokens),
         )
 
     def validate(self, cut: CutShape) -> None:
@@ -126,6 +128,6 @@ class ADC(Method):
 
     def xi_paper(self, cut: CutShape) -> float:
         # The reference budgets ADC at its nominal ξ when one is given.
-        if self.xi is not None and self.batch_ratio is None and self.num_clusters is None:
+        if self.xi is not None and not (self.batch_ratio or self.token_ratio or self.num_clusters):
             return float(self.xi)
         return self.plan(cut.batch_size, cut.seq_len).xi

@@ -1,4 +1,4 @@
-"""C3-SL: batch-wise compression by circular convolution (Hsieh et al. 2022; ADC_SPEC §5).
+"""C3-SL: batch-wise compression by circular convolution (Hsieh et al. 2022; docs/method.md §4).
 
 Each group of R consecutive samples is superposed into one vector: with fixed random keys
 ``k_r ∈ R^{N·D}`` (drawn once from the method's init key, never trained), the client sends

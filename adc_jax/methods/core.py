@@ -210,7 +210,7 @@ class StepCost:
     downlink: dict[str, int]
     dense_uplink: int  # the base method's uplink for the same cut and dtype (activations + labels)
     dense_downlink: int
-    xi_paper: float  # the paper-compatible ratio (ADC_SPEC §3, §5)
+    xi_paper: float  # the paper-compatible ratio (docs/method.md §3, §4)
     batch_size: int  # samples per step over all clients
 
     @property
@@ -255,7 +255,7 @@ def step_cost(
     *,
     clients: int = 1,
 ) -> StepCost:
-    """Exact bytes per step for ``clients`` clients that each see ``cut`` (ADC_SPEC §3).
+    """Exact bytes per step for ``clients`` clients that each see ``cut`` (docs/method.md §3).
 
     Computed from the shapes and dtypes of what :meth:`Method.encode` returns for one client's
     whole batch of ``cut.dtype`` tokens, with the channels' wire formats; multiplied by the number

@@ -13,7 +13,7 @@ and differentiates its loss w.r.t. ``x̃``. So the payload's ``activations`` are
 ``side`` (they reproduce ``x̃`` exactly), and :meth:`FedLite.uplink_bytes` counts codebook +
 codes + labels instead of the dense activations.
 
-Backward, the client receives ``g = ∂L/∂x̃`` and uses ``g + λ(x − x̃)`` (ADC_SPEC §5, λ = 5e-5):
+Backward, the client receives ``g = ∂L/∂x̃`` and uses ``g + λ(x − x̃)`` (docs/method.md §4, λ = 5e-5):
 the gradient of ``L + (λ/2)‖x − sg(x̃)‖²``, which pulls the activations towards their codes.
 
 Under a named axis (one client spread over devices) the sub-vectors are gathered and every device

@@ -1,4 +1,4 @@
-"""Uniform n-bit quantisation of the activations and of the gradient (ADC_SPEC §5).
+"""Uniform n-bit quantisation of the activations and of the gradient (docs/method.md §4).
 
 Forward, the client sends its activations quantised with their own per-tensor min/max range:
 ``2ⁿ`` levels including both ends (:func:`adc_jax.link.uniform_quantize`; a constant tensor is

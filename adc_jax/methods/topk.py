@@ -1,4 +1,4 @@
-"""Top-K and Random Top-K sparsification of the cut (Zheng et al. 2023; ADC_SPEC §5).
+"""Top-K and Random Top-K sparsification of the cut (Zheng et al. 2023; docs/method.md §4).
 
 Per sample, over the flattened ``N·D`` activation, ``kk = round(r·N·D)`` entries are sent as
 values plus their flat positions; the server scatters them into zeros. The gradient w.r.t. the
