@@ -9,7 +9,7 @@ split after block ``l = split_index``:
   ADC scores, computed in the same forward pass).
 * :class:`Server`: blocks ``l..L-1``, final LayerNorm, linear head on token 0. Accepts any token
   count ``1 <= n <= N`` (the ADC payload keeps ``k < N`` tokens, CLS first).
-* :class:`SplitViT`: a plain (non-Module) holder of both halves with ``init`` and ``apply_full``.
+* :class:`SplitViT`: both halves, with ``init`` and ``apply_full``.
 
 Numerics follow timm so that converted checkpoints agree to ≤ 1e-4 in float32: LayerNorm eps 1e-6,
 exact (erf) GELU, one fused ``qkv`` projection laid out ``[q heads…, k heads…, v heads…]``.
@@ -28,11 +28,11 @@ whichever side holds it)::
                 attn/proj/{kernel [D, D], bias [D]}, norm2/{scale, bias},
                 mlp/fc1/{kernel [D, M], bias [M]}, mlp/fc2/{kernel [M, D], bias [D]}
 
-Built from Flax's layers and one written-out attention (``jax.nn.dot_product_attention``'s cuDNN
-kernel where it applies), differentiated by JAX: one code path for every backend. Parameters are
-float32; ``dtype`` is the compute dtype (the residual stream, the matrix products, the tokens sent
-across the cut; ``docs/mixed_precision.md``), while attention logits and softmax, LayerNorm
-statistics, scores, final norm, head and logits are float32.
+One code path for every backend, differentiated by JAX: Flax's layers and one written-out
+attention (the last client block needs its CLS row), cuDNN's fused kernel elsewhere on a GPU.
+Parameters are float32; ``dtype`` is the compute dtype (residual stream, matrix products, the
+tokens sent across the cut), while attention logits and softmax, LayerNorm statistics, scores,
+final norm, head and logits are float32 (``docs/mixed_precision.md``).
 """
 
 from __future__ import annotations
@@ -65,11 +65,6 @@ _CLS_INIT = nn.initializers.normal(stddev=1e-6)
 _PATCH_INIT = nn.initializers.lecun_normal()
 
 
-# ------------------------------------------------------------------------------------------------
-# Configs and registry
-# ------------------------------------------------------------------------------------------------
-
-
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
     """Static architecture of a ViT/DeiT and the input normalisation of its checkpoint.
@@ -91,23 +86,18 @@ class ViTConfig:
     std: tuple[float, ...]
 
     def __post_init__(self):
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"{self.name}: image size {self.image_size} is not divisible by the patch size "
-                f"{self.patch_size}; use a multiple of {self.patch_size} "
-                f"(e.g. {self.image_size - self.image_size % self.patch_size})."
-            )
-        if self.width % self.num_heads:
-            raise ValueError(
-                f"{self.name}: width {self.width} is not divisible by num_heads {self.num_heads}."
-            )
-        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
-            raise ValueError(
-                f"{self.name}: mean/std need one entry per input channel ({self.in_chans}); "
-                f"got {len(self.mean)} and {len(self.std)}."
-            )
-        if self.num_classes < 1:
-            raise ValueError(f"{self.name}: num_classes must be >= 1, got {self.num_classes}.")
+        problems = [
+            self.image_size % self.patch_size
+            and f"image size {self.image_size} is not divisible by the patch size "
+            f"{self.patch_size} (e.g. {self.image_size - self.image_size % self.patch_size})",
+            self.width % self.num_heads
+            and f"width {self.width} is not divisible by num_heads {self.num_heads}",
+            (len(self.mean), len(self.std)) != (self.in_chans,) * 2
+            and f"mean/std need one entry per input channel ({self.in_chans})",
+            self.num_classes < 1 and f"num_classes must be >= 1, got {self.num_classes}",
+        ]
+        if any(problems):
+            raise ValueError(f"{self.name}: " + "; ".join(p for p in problems if p) + ".")
 
     @property
     def grid_size(self) -> int:
@@ -134,8 +124,12 @@ def _imagenet(name, width, depth, num_heads, mlp_dim) -> ViTConfig:
     )
 
 
-# Fields in order: name, image_size, patch_size, in_chans, width, depth, num_heads, mlp_dim,
-# num_classes, mean, std.
+def _fashion_mnist(name, depth) -> ViTConfig:
+    return ViTConfig(name, 28, 4, 1, 64, depth, 2, 256, 10, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+
+
+# ViTConfig's fields in order: name, image_size, patch_size, in_chans, width, depth, num_heads,
+# mlp_dim, num_classes, mean, std.
 MODELS: dict[str, ViTConfig] = {
     c.name: c
     for c in (
@@ -143,25 +137,10 @@ MODELS: dict[str, ViTConfig] = {
         _imagenet("deit_tiny_patch16_224", 192, 12, 3, 768),
         _imagenet("deit_small_patch16_224", 384, 12, 6, 1536),
         _imagenet("deit_base_patch16_224", 768, 12, 12, 3072),
-        # A small ViT for Fashion-MNIST (the project's real-data check on a CPU).
-        ViTConfig(
-            "vit_mini_patch4_28", 28, 4, 1, 64, 4, 2, 256, 10, FASHION_MNIST_MEAN, FASHION_MNIST_STD
-        ),
-        # Twice as deep, for fine-tuning experiments on a CPU: cut after block 2 it splits at a
-        # quarter of the depth, as the paper cuts DeiT's 12 blocks after 3.
-        ViTConfig(
-            "vit_mini_d8_patch4_28",
-            28,
-            4,
-            1,
-            64,
-            8,
-            2,
-            256,
-            10,
-            FASHION_MNIST_MEAN,
-            FASHION_MNIST_STD,
-        ),
+        # Small ViTs for Fashion-MNIST (the project's real-data checks on a CPU); the 8-block one
+        # cut after block 2 splits at a quarter of the depth, as the paper cuts DeiT after block 3.
+        _fashion_mnist("vit_mini_patch4_28", depth=4),
+        _fashion_mnist("vit_mini_d8_patch4_28", depth=8),
         # Tiny variant for fast CPU tests (N = 17 tokens).
         ViTConfig("vit_test_patch4_16", 16, 4, 3, 32, 4, 2, 64, 10, (0.5,) * 3, (0.5,) * 3),
     )
@@ -179,18 +158,9 @@ def get_model_config(
     """
     if name not in MODELS:
         raise ValueError(f"Unknown model {name!r}; known models: {', '.join(sorted(MODELS))}.")
-    config = MODELS[name]
-    changes = {}
-    if num_classes is not None:
-        changes["num_classes"] = num_classes
-    if image_size is not None:
-        changes["image_size"] = image_size
-    return dataclasses.replace(config, **changes) if changes else config
+    changes = dict(num_classes=num_classes, image_size=image_size)
+    return dataclasses.replace(MODELS[name], **{k: v for k, v in changes.items() if v is not None})
 
-
-# ------------------------------------------------------------------------------------------------
-# Layers
-# ------------------------------------------------------------------------------------------------
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
@@ -200,12 +170,9 @@ last client block to compute (see :class:`Client`); ``aux`` is passed through un
 
 
 class Dense(nn.Dense):
-    """``nn.Dense`` (same parameters) applied to the tokens as one ``[rows, features]`` matrix.
-
-    The weight gradient is then one plain matrix product. A contraction over two leading axes
-    (``[B, N, D]``) is the same product, but XLA's CPU backend makes it through a transposed copy
-    of the activations: flattening cut a DeiT-Tiny training step by 7 % there (B = 64), and the
-    reshape is free on every backend.
+    """``nn.Dense`` (same parameters) applied to the tokens as one ``[rows, features]`` matrix,
+    so that the weight gradient is one plain matrix product (over ``[B, N, D]`` XLA's CPU backend
+    makes a transposed copy first: 7 % of a DeiT-Tiny step). The reshape is free everywhere.
     """
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -223,11 +190,8 @@ def _layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
 
 
 def gelu(x: jax.Array) -> jax.Array:
-    """timm's (PyTorch's) exact GELU, ``x·Φ(x) = ½·x·(1 + erf(x/√2))``.
-
-    The same function as ``jax.nn.gelu(approximate=False)``, which computes it through ``erfc``:
-    more accurate far in the negative tail, where both are 0 in float32, and slower.
-    """
+    """timm's exact GELU ``½·x·(1 + erf(x/√2))``: ``jax.nn.gelu(approximate=False)`` by way of
+    ``erf`` rather than ``erfc`` (which is slower, and more accurate only where both are 0)."""
     return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(2**-0.5, x.dtype)))
 
 
@@ -264,12 +228,12 @@ def dot_product_attention(
     else XLA. (``jax.nn.dot_product_attention``'s own default is its XLA form on every backend,
     GPUs included.)
     """
-    if implementation == "auto" and jax.default_backend() == "gpu":
-        if jnp.dtype(q.dtype).itemsize == 2:
-            try:
-                return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-            except (NotImplementedError, RuntimeError):
-                pass
+    gpu_16bit = jax.default_backend() == "gpu" and jnp.dtype(q.dtype).itemsize == 2
+    if implementation == "auto" and gpu_16bit:
+        try:
+            return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+        except (NotImplementedError, RuntimeError):
+            pass
     if implementation == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
     return attention(q, k, v)[0]
@@ -365,11 +329,6 @@ def _check_split(config: ViTConfig, split_index: int) -> None:
         )
 
 
-# ------------------------------------------------------------------------------------------------
-# Client and server
-# ------------------------------------------------------------------------------------------------
-
-
 class Client(nn.Module):
     """Embedding and blocks ``0..split_index-1``.
 
@@ -384,9 +343,6 @@ class Client(nn.Module):
     [B, k], aux)``, then attention, ``proj``, residual and MLP only at those positions. Returns
     ``(tokens [B, k, D], scores [B, N], aux)``, ``tokens[b, j]`` equal (to rounding) to the full
     output at ``positions[b, j]``, gradients included.
-
-    The last client block takes the CLS row from :func:`attention`, the others call
-    :func:`dot_product_attention` (cuDNN's fused kernel on a GPU in bfloat16).
     """
 
     config: ViTConfig
@@ -465,17 +421,10 @@ def init_head(key: jax.Array, width: int, num_classes: int) -> Params:
     }
 
 
-# ------------------------------------------------------------------------------------------------
-# The pair
-# ------------------------------------------------------------------------------------------------
-
-
 @dataclasses.dataclass(frozen=True)
 class SplitViT:
-    """A ViT cut after block ``split_index``: config, the two modules and helpers (not a Module).
-
-    Frozen and hashable, so it can be a static argument of ``jax.jit``.
-    """
+    """A ViT cut after block ``split_index``: the two modules and helpers (not a Module; hashable,
+    so it can be a static argument of ``jax.jit``)."""
 
     config: ViTConfig
     split_index: int
@@ -497,20 +446,9 @@ class SplitViT:
     def server(self) -> Server:
         return Server(self.config, self.split_index, self.dtype, self.attention)
 
-    @property
-    def seq_len(self) -> int:
-        """N, CLS included."""
-        return self.config.seq_len
-
-    @property
-    def width(self) -> int:
-        """D."""
-        return self.config.width
-
-    @property
-    def depth(self) -> int:
-        """L."""
-        return self.config.depth
+    seq_len = property(lambda self: self.config.seq_len, doc="N, CLS included.")
+    width = property(lambda self: self.config.width, doc="D.")
+    depth = property(lambda self: self.config.depth, doc="L.")
 
     def init(self, key: jax.Array) -> dict[str, Params]:
         """``{"client": params, "server": params}``, float32, each half from its own subkey."""
@@ -541,8 +479,7 @@ class SplitViT:
 def _init_fns(config: ViTConfig, split_index: int):
     """Jitted ``key → params`` for each half, compiled once per architecture and split.
 
-    Compiling the many threefry draws of an init takes seconds on CPU; caching makes repeated
-    inits (seeds, tests) cheap. Parameters do not depend on the compute dtype or the token count.
+    Parameters depend on neither the compute dtype nor the token count.
     """
     images = jnp.zeros((1, config.image_size, config.image_size, config.in_chans), jnp.float32)
     tokens = jnp.zeros((1, 1, config.width), jnp.float32)
