@@ -51,6 +51,7 @@ def test_step_options(step):
             step.parse_args(gone)
 
 
+@pytest.mark.slow
 def test_step_benchmark_prints_one_record_per_phase(step, capsys):
     records = step.main([*TINY, "--method", "adc", "--xi", "0.5", "--steps", "1", "--xla-default"])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -70,6 +71,7 @@ def test_step_benchmark_prints_one_record_per_phase(step, capsys):
     assert ratio["split_over_fused"] > 0 and ratio["compress_over_step"] > 0
 
 
+@pytest.mark.slow
 def test_paired_base_alternates_adc_and_base_in_one_process(step, grid):
     argv = [*TINY, "--xi", "0.5"]
     records = step.main([*argv, "--steps", "2", "--xla-default", "--paired-base"])
@@ -84,6 +86,7 @@ def test_paired_base_alternates_adc_and_base_in_one_process(step, grid):
         step.main([*argv, "--method", "base", "--paired-base"])
 
 
+@pytest.mark.slow
 def test_paired_torch_alternates_with_a_second_process(step, monkeypatch, tmp_path):
     # A stand-in for torch_step.py --serve (torch is not a dependency): answers every call with
     # 0.5 s, so the ratios are our medians over 0.5.
@@ -299,7 +302,7 @@ def test_allocator_env(monkeypatch, tmp_path):
         common.allocator_env("jemalloc", {})
 
 
-def test_profile_pairs_async_ends_and_names_instructions(capsys):
+def test_profile_pairs_async_ends():
     profile = load("profile_step")
     trace = [  # a synchronous fusion, and an asynchronous dot that ends 5 ms after its launch
         {"ph": "X", "name": "fusion.1", "ts": 0.0, "dur": 2000.0}
@@ -309,6 +312,11 @@ def test_profile_pairs_async_ends_and_names_instructions(capsys):
         {"ph": "X", "name": "end: dot.2", "ts": 6900.0, "dur": 100.0, "args": {}},
     ]
     assert profile.op_times(trace, calls=1) == {("jit_f", "fusion.1"): 2.0, ("jit_f", "dot.2"): 5.0}
+
+
+@pytest.mark.slow
+def test_profile_names_instructions(capsys):
+    profile = load("profile_step")
     argv = "--method adc --xi 0.5 --xla-default --program client_backward --calls 1"
     records = profile.main([*TINY, *argv.split()])
     ops = [r for r in records if r["record"] == "op"]
