@@ -1,4 +1,5 @@
-"""Shared helpers of the JAX benchmark scripts: timing, environment, JSON lines.
+"""Shared helpers of the JAX benchmark scripts: timing, environment, allocator, JSON lines, and
+the command line of PyTorch's yardstick (``torch_step.py``).
 
 Timings are wall-clock medians of calls that end in ``jax.block_until_ready``, after warm-up calls
 (which include compilation). Every record carries the device and the library versions, so that a
@@ -19,10 +20,10 @@ from typing import Any
 
 import jax
 
-# XLA flags that made DeiT training faster on a 2-core x86 CPU (XLA of jax 0.10; see the report in
-# the README): YNNPACK only for reductions, so that matmuls go to Eigen (faster here in the
-# backward pass) while row reductions (LayerNorm, softmax) keep YNNPACK's kernels. CPU-only: GPU
-# and TPU compilers ignore them.
+# XLA flags that made DeiT training faster on a 2-core x86 CPU (XLA of jax 0.10): YNNPACK only
+# for reductions, so that matmuls go to Eigen (faster there in the backward pass) while row
+# reductions (LayerNorm, softmax) keep YNNPACK's kernels. CPU-only: GPU and TPU compilers ignore
+# them.
 TUNED_CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=reduce",)
 
 
@@ -35,9 +36,9 @@ TUNED_CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=reduce",)
 # per call. tcmalloc keeps freed memory for reuse: no faults and no system time after warm-up,
 # whichever programs alternate, provided it is told never to hand memory back to the kernel
 # (TCMALLOC_RELEASE_RATE=0): at its default rate it returns some, and a later step refaults
-# it (seen: 0.5–0.7M faults and 0.3–1.5 s more in one step of a few, split or fused alike). The
-# grid preloads it when the system has it (Debian: libtcmalloc-minimal4), else falls back to
-# huge pages; PyTorch's runs get the same.
+# it (seen: 0.5–0.7M faults and 0.3–1.5 s more in one step of a few, split or fused alike).
+# benchmarks/grid.py preloads it when the system has it (Debian: libtcmalloc-minimal4), else falls
+# back to huge pages; PyTorch's runs get the same.
 THP_GLIBC_TUNABLES = "glibc.malloc.hugetlb=1"
 TCMALLOC_ENV = {"TCMALLOC_RELEASE_RATE": "0"}
 TCMALLOC_NAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
@@ -195,6 +196,22 @@ def peak_memory() -> dict[str, Any]:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     scale = 1 if sys.platform == "darwin" else 1024
     return {"peak_bytes": int(rss * scale), "peak_source": "process_max_rss"}
+
+
+def torch_command(args, batch: int, *extra: str) -> list[str]:
+    """``benchmarks/torch_step.py`` under ``args.torch_python`` at ``args``'s model, split, head
+    and dtype (bfloat16: ``--amp``) for ``batch`` images, on ``args.torch_device`` (a CPU: 2
+    threads), with ``extra`` arguments."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_step.py")
+    device = ["--device", "cuda"] if args.torch_device == "cuda" else ["--threads", "2"]
+    amp = ["--amp"] if args.dtype == "bfloat16" else []
+    return [
+        *(args.torch_python, script, "--model", args.model, "--batch", str(batch)),
+        *("--split-index", str(args.split_index), "--num-classes", str(args.num_classes)),
+        *device,
+        *amp,
+        *extra,
+    ]
 
 
 def emit(record: dict[str, Any], stream=None) -> None:

@@ -1,4 +1,4 @@
-"""Cost of the ADC operator beside the client forward it follows (GitHub issue #2).
+"""Cost of the ADC operator (K-means, token selection, merge) beside the client forward it follows.
 
     python benchmarks/compress.py [--batch 128 --clusters 40 --tokens 62 --steps 10]
 

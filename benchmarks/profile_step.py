@@ -1,4 +1,4 @@
-"""Where the time of one program of the split step goes, instruction by instruction (issue #8).
+"""Where the time of one program of the split step goes, instruction by instruction.
 
     python benchmarks/profile_step.py --batch 64 --method base --program fused_step [--calls 3]
 

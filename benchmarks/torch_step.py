@@ -1,4 +1,4 @@
-"""The same training step in plain PyTorch/timm, as a yardstick for benchmarks/step.py (issue #8).
+"""The same training step in plain PyTorch/timm, as a yardstick for benchmarks/step.py.
 
 Run with an interpreter that has torch and timm (not dependencies of adc-jax)::
 

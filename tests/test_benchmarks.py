@@ -1,4 +1,5 @@
-"""The benchmark scripts' interface: one tiny configuration, JSON lines with the promised fields."""
+"""The benchmark scripts' interface: one tiny configuration, JSON lines with the promised fields,
+the grid's processes and the tables made from records."""
 
 import importlib.util
 import json
@@ -11,6 +12,9 @@ import pytest
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 PHASES = {"client_forward", "compress", "server_step", "client_backward", "step", "fused_step"}
+# The tiny split ViT of tests/split_kit.py (16×16 images, 17 tokens, 10 classes), batch 8.
+TINY_MODEL = "--model vit_test_patch4_16 --split-index 2 --num-classes 10".split()
+TINY = [*TINY_MODEL, "--batch", "8"]
 
 
 def load(name):
@@ -25,11 +29,31 @@ def step():
     return load("step")
 
 
-def test_step_benchmark_prints_one_record_per_phase(step, capsys):
-    argv = "--model vit_test_patch4_16 --split-index 2 --num-classes 10 --batch 8"
-    records = step.main(
-        [*argv.split(), "--method", "adc", "--xi", "0.5", "--steps", "1", "--xla-default"]
+@pytest.fixture(scope="module")
+def grid():
+    return load("grid")
+
+
+def test_step_options(step):
+    """One configuration per call: the grid's options are grid.py's."""
+    args = step.parse_args([])
+    assert (args.model, args.batch, args.method, args.xi) == (
+        "deit_tiny_patch16_224",
+        64,
+        "adc",
+        0.1,
     )
+    assert (args.dtype, args.attention, args.donate, args.select) == ("float32", "auto", True, True)
+    args = step.parse_args([*TINY, "--dtype", "bfloat16", "--no-donate", "--method", "base"])
+    assert (args.batch, args.dtype, args.donate, args.method) == (8, "bfloat16", False, "base")
+    for gone in (["--grid"], ["--summarize", "x.jsonl"], ["--batches", "32"]):
+        with pytest.raises(SystemExit):
+            step.parse_args(gone)
+
+
+@pytest.mark.slow
+def test_step_benchmark_prints_one_record_per_phase(step, capsys):
+    records = step.main([*TINY, "--method", "adc", "--xi", "0.5", "--steps", "1", "--xla-default"])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert lines == records  # JSON lines on stdout, one object per line
     times = {r["phase"]: r for r in records if r["record"] == "time"}
@@ -47,10 +71,11 @@ def test_step_benchmark_prints_one_record_per_phase(step, capsys):
     assert ratio["split_over_fused"] > 0 and ratio["compress_over_step"] > 0
 
 
-def test_paired_base_alternates_adc_and_base_in_one_process(step):
-    argv = "--model vit_test_patch4_16 --split-index 2 --num-classes 10 --batch 8 --xi 0.5"
-    records = step.main([*argv.split(), "--steps", "2", "--xla-default", "--paired-base"])
-    assert step.variant(records[0]) == "float32"
+@pytest.mark.slow
+def test_paired_base_alternates_adc_and_base_in_one_process(step, grid):
+    argv = [*TINY, "--xi", "0.5"]
+    records = step.main([*argv, "--steps", "2", "--xla-default", "--paired-base"])
+    assert grid.variant(records[0]) == "float32"
     times = {r["phase"]: r for r in records if r["record"] == "paired"}
     assert set(times) == {"adc_step", "adc_fused_step", "base_step", "base_fused_step"}
     assert all(len(r["times_s"]) == 2 and r["method"] == "adc" for r in times.values())
@@ -58,9 +83,10 @@ def test_paired_base_alternates_adc_and_base_in_one_process(step):
     expected = times["adc_step"]["median_s"] / times["base_step"]["median_s"]
     assert ratio["step_over_base"] == pytest.approx(expected)
     with pytest.raises(SystemExit, match="ADC configuration"):
-        step.main([*argv.split(), "--method", "base", "--paired-base"])
+        step.main([*argv, "--method", "base", "--paired-base"])
 
 
+@pytest.mark.slow
 def test_paired_torch_alternates_with_a_second_process(step, monkeypatch, tmp_path):
     # A stand-in for torch_step.py --serve (torch is not a dependency): answers every call with
     # 0.5 s, so the ratios are our medians over 0.5.
@@ -69,11 +95,8 @@ def test_paired_torch_alternates_with_a_second_process(step, monkeypatch, tmp_pa
     fake.write_text(f"#!/bin/sh\nwhile read p; do {answer}; done\n")
     fake.chmod(0o755)
     monkeypatch.setattr(step, "HANDOVER_PAUSE_S", 0.0)
-    argv = "--model vit_test_patch4_16 --split-index 2 --num-classes 10 --batch 8 --method base"
-    records = step.main(
-        [*argv.split(), "--steps", "2", "--xla-default", "--paired-torch"]
-        + ["--torch-python", str(fake)]
-    )
+    argv = [*TINY, "--steps", "2", "--xla-default", "--paired-torch"]
+    records = step.main([*argv, "--method", "base", "--torch-python", str(fake)])
     times = {r["phase"]: r for r in records if r["record"] == "paired_torch"}
     assert set(times) == {"fused_step", "step", "torch_step", "torch_split_step"}
     assert times["torch_step"]["times_s"] == [0.5, 0.5]
@@ -81,16 +104,23 @@ def test_paired_torch_alternates_with_a_second_process(step, monkeypatch, tmp_pa
     assert ratio["fused_over_torch"] == pytest.approx(times["fused_step"]["median_s"] / 0.5)
     assert ratio["split_over_torch"] == pytest.approx(times["step"]["median_s"] / 0.5)
     with pytest.raises(SystemExit, match="--method base"):
-        step.main([*argv.split()[:-2], "--method", "adc", "--paired-torch"])
+        step.main([*argv, "--method", "adc", "--torch-python", str(fake)])
 
 
-def test_grid_summary_and_targets(step):
-    """The ratio summary of --grid, on hand-made records (the grid itself takes minutes)."""
+def test_grid_summary_and_tables(grid):
+    """The ratio summary and tables of grid.py, on hand-made records (a grid takes minutes)."""
 
     def rec(b, method, xi, dtype="float32", **phases):
         return [
             {"record": "time", "batch": b, "method": method, "xi": xi, "phase": p, "median_s": t}
-            | {"dtype": dtype, "donate": True}
+            | {"dtype": dtype, "donate": True, "device": "cpu:", "jax": "0.10.2"}
+            for p, t in phases.items()
+        ]
+
+    def torch(b, dtype, compiled=False, **phases):
+        return [
+            {"record": "time", "batch": b, "phase": p, "median_s": t, "framework": "torch"}
+            | {"dtype": dtype, "compile": compiled, "device": "cpu:torch", "torch": "2.14"}
             for p, t in phases.items()
         ]
 
@@ -101,65 +131,132 @@ def test_grid_summary_and_targets(step):
         *rec(64, "adc", 0.1, **adc),
         *rec(128, "base", 1.0, **base),
         *rec(128, "adc", 0.1, **adc),
-        # A bfloat16 variant: compared with its own Base, and kept out of the targets.
+        # A bfloat16 variant: compared with its own Base.
         *rec(64, "base", 1.0, "bfloat16", step=0.5, fused_step=0.25, compress_fwd_bwd=0.0),
         *rec(64, "adc", 0.1, "bfloat16", step=0.4, fused_step=0.4, compress_fwd_bwd=0.1),
+        # PyTorch's yardstick in float32 at B = 64: Base float32 only, not bfloat16's.
+        *torch(64, "float32", step=1.8, split_step=2.0),
+        *torch(64, "float32", compiled=True, step=0.1),  # torch.compile's: not the yardstick
         {"record": "memory", "batch": 64, "method": "adc", "xi": 0.1, "peak_bytes": 2.5e9},
         {"record": "paired_ratio", "batch": 64, "xi": 0.1, "step_over_base": 0.31}
         | {"fused_step_over_base": 0.29},
         {"record": "paired_torch_ratio", "batch": 64, "fused_over_torch": 0.97}
         | {"split_over_torch": 1.01},
     ]
-    out = step.summarize(records)
-    rows = {(r["batch"], r["method"], r["variant"]): r for r in out if r["record"] == "summary"}
+    out = grid.summarize(records)
+    assert {r["record"] for r in out} == {"summary"}
+    rows = {(r["batch"], r["method"], r["variant"]): r for r in out}
+    assert len(rows) == 6
     assert rows[(64, "adc", "float32")]["step_over_base"] == pytest.approx(0.25)
     assert rows[(64, "adc", "bfloat16")]["step_over_base"] == pytest.approx(0.8)
     assert rows[(64, "base", "float32")]["split_over_fused"] == pytest.approx(1.0 / 0.9)
     assert rows[(64, "adc", "bfloat16")]["images_per_s"] == pytest.approx(64 / 0.4)
-    targets = {r["target"]: r for r in out if r["record"] == "target"}
-    assert targets["adc_xi0.1_step_over_base_B64"]["met"]
-    assert not targets["adc_xi0.1_step_over_base_B64_paired"]["met"]  # 0.31 > 0.30
-    assert targets["adc_overhead_over_step_B128"]["value"] == pytest.approx(0.02)
-    assert targets["split_over_fused_max"]["met"]  # 1.11 <= 1.15; bfloat16's 2.0 not counted
-    assert targets["base_fused_over_torch_B64_paired"]["value"] == pytest.approx(0.97)
-    assert targets["base_fused_over_torch_B64_paired"]["met"]
-    table = step.markdown(records + out)
+    assert rows[(128, "adc", "float32")]["adc_overhead_over_step"] == pytest.approx(0.02)
+    assert rows[(64, "base", "float32")]["device"] == "cpu:"
+    assert rows[(64, "base", "float32")]["fused_over_torch"] == pytest.approx(0.5)
+    assert rows[(64, "base", "float32")]["split_over_torch"] == pytest.approx(0.5)
+    assert "fused_over_torch" not in rows[(64, "base", "bfloat16")]
+    assert "fused_over_torch" not in rows[(128, "base", "float32")]
+    table = grid.markdown(records + out)
+    assert table.startswith("Measured on: cpu: (jax 0.10.2), cpu:torch (torch 2.14).")
     assert "| 64 | adc | 0.1 | float32 |" in table and "| 64 | adc | 0.1 | bfloat16 |" in table
     assert "| 0.250 | 256 | 2.50 |" in table  # step/Base, images/s, peak GB of float32 ADC
+    assert "| 64 | float32 | 1.800 | 0.900 | 0.500 | 2.000 | 1.000 | 0.500 |" in table
     assert "| 64 | 0.1 | float32 | 0.310 | 0.290 |" in table
     assert "| 64 | float32 | 0.970 | 1.010 |" in table
+    assert "target" not in table.lower()
 
 
-def test_grid_runs_divided_configurations_back_to_back(step, monkeypatch):
-    """Per batch: ADC at ξ = 0.1, Base, PyTorch, then the other ξ (a shared CPU drifts over
-    minutes, and these are the times the targets divide); then the input path and the paired
-    runs."""
+def test_grid_options(grid):
+    """The grid's options are its own; the rest are step.py's, checked by its parser and passed
+    to every run, except those the grid sets per run."""
+    args = grid.parse_args(["--batches", "16", "--steps", "3", "--dtype", "bfloat16"])
+    assert args.batches == [16] and args.xis == list(grid.XIS)
+    assert args.step_argv == ["--steps", "3", "--dtype", "bfloat16"]
+    assert (args.step.steps, args.step.dtype) == (3, "bfloat16")
+    assert grid.parse_args(["--paired-xis"]).paired_xis == []
+    assert grid.parse_args(["--summarize", "a.jsonl", "b.jsonl"]).summarize == [
+        "a.jsonl",
+        "b.jsonl",
+    ]
+    for per_run in (["--batch", "32"], ["--xi=0.1"], ["--paired-base"], ["--input"]):
+        with pytest.raises(SystemExit):  # --batch is not an abbreviation of --batches either
+            grid.parse_args(per_run)
+    with pytest.raises(SystemExit):
+        grid.parse_args(["--no-such-option"])
+
+
+def stub_runs(grid, monkeypatch) -> list[list[str]]:
+    """The commands the grid runs, run by nobody."""
     calls = []
 
     def run(command, **_):
         calls.append(command)
         return type("Done", (), {"stdout": ""})()
 
-    monkeypatch.setattr(step.subprocess, "run", run)
-    argv = ["--grid", "--batches", "32", "64", "--xis", "0.5", "0.1", "--torch-python", "tp"]
-    step.run_grid(step.parse_args(argv))
+    monkeypatch.setattr(grid.subprocess, "run", run)
+    return calls
+
+
+def test_grid_runs_divided_configurations_back_to_back(grid, monkeypatch):
+    """Per batch: Base, PyTorch, then ADC at each ξ (a shared CPU drifts over minutes, and
+    ratios divide these times); then the input path and the paired runs. step.py's options
+    go to every run of it."""
+    calls = stub_runs(grid, monkeypatch)
+    argv = ["--batches", "32", "64", "--xis", "0.5", "0.1", "--torch-python", "tp", "--steps", "3"]
+    grid.run_grid(grid.parse_args(argv))
 
     def name(command):
         if command[0] == "tp":
             return f"torch{command[command.index('--batch') + 1]}"
+        assert command[1].endswith("step.py") and command[command.index("--steps") + 1] == "3"
         words = command[command.index("--batch") :]
         return " ".join(w for w in words if w not in ("--batch", "--method", "--xi"))
 
     order = [name(c) for c in calls]
-    assert order[:8] == [
-        "32 adc 0.1", "32 base", "torch32", "32 adc 0.5",
-        "64 adc 0.1", "64 base", "torch64", "64 adc 0.5",
+    assert order == [
+        "32 base", "torch32", "32 adc 0.5", "32 adc 0.1",
+        "64 base", "torch64", "64 adc 0.5", "64 adc 0.1",
+        "32 --input", "64 --input",
+        "32 adc 0.1 --paired-base", "64 adc 0.1 --paired-base",
+        "32 base --paired-torch --torch-python tp --torch-device cpu",
+        "64 base --paired-torch --torch-python tp --torch-device cpu",
     ]  # fmt: skip
-    assert order[8:10] == ["32 --input", "64 --input"]
-    assert "64 adc 0.1 --paired-base" in order and order[-1].startswith("64 base --paired-torch")
+    torch = calls[1]
+    assert torch[torch.index("--steps") + 1] == "3" and "--split" in torch
+    assert "--amp" not in torch and torch[torch.index("--threads") + 1] == "2"
 
 
-def test_summarize_reads_jsonl_files(step, tmp_path, capsys):
+def test_grid_on_a_gpu_in_bfloat16(grid, monkeypatch):
+    """PyTorch on the GPU with bfloat16 autocast as the yardstick, no alternated PyTorch runs
+    (those are for a CPU), no paired runs when --paired-xis is empty."""
+    calls = stub_runs(grid, monkeypatch)
+    argv = "--batches 128 --xis 0.1 --paired-xis --dtype bfloat16 --xla-default"
+    grid.run_grid(
+        grid.parse_args([*argv.split(), "--torch-python", "tp", "--torch-device", "cuda"])
+    )
+    assert len(calls) == 4  # Base, PyTorch, ADC, input
+    torch = calls[1]
+    assert torch[0] == "tp" and "--amp" in torch and torch[torch.index("--device") + 1] == "cuda"
+    assert all("--dtype" in c and "--xla-default" in c for c in calls if c[0] != "tp")
+
+
+@pytest.mark.slow
+def test_tiny_grid_end_to_end(grid, capsys, monkeypatch):
+    """A real grid at toy sizes: step.py in its own processes, records passed on, then tables."""
+    path = [str(BENCHMARKS.parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(path))  # adc_jax, installed or not
+    argv = ["--batches", "8", "--xis", "0.5", "--paired-xis", "0.5", "--malloc", "system"]
+    records = grid.main([*argv, *TINY_MODEL, "--steps", "1", "--warmup", "1", "--xla-default"])
+    out = capsys.readouterr()
+    assert [json.loads(line) for line in out.out.splitlines()] == records
+    rows = {r["method"]: r for r in records if r["record"] == "summary"}
+    assert set(rows) == {"base", "adc"} and rows["adc"]["step_over_base"] > 0
+    assert {r["record"] for r in records} >= {"time", "memory", "check", "input", "paired_ratio"}
+    assert "| 8 | adc | 0.5 | float32 |" in out.err and "| 8 | 0.5 | float32 |" in out.err
+
+
+def test_summarize_reads_jsonl_files(grid, tmp_path, capsys):
     """``--summarize`` rebuilds the tables from records written earlier (here, by a GPU run)."""
     times = dict(step=0.02, fused_step=0.02, compress_fwd_bwd=0.0)
     gpu = {"device": "gpu:NVIDIA H200", "jax": "0.11.2", "cpu_count": 16}
@@ -171,16 +268,16 @@ def test_summarize_reads_jsonl_files(step, tmp_path, capsys):
     records.append(
         {"record": "input", "batch": 128, "phase": "h2d_uint8_32px", "bytes": 393216}
         | {"median_s": 0.0003}
+        | gpu
     )
     path = tmp_path / "gpu.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    out = step.main(["--summarize", str(path)])
+    out = grid.main(["--summarize", str(path)])
     (row,) = [r for r in out if r.get("record") == "summary"]
     assert row["images_per_s"] == pytest.approx(6400)
-    # Targets name the machine that measured them, not the one that summarises.
-    (target,) = [r for r in out if r.get("record") == "target"]
-    assert {k: target[k] for k in gpu} == gpu and "load_1min" not in target
+    assert row["device"] == "gpu:NVIDIA H200"  # the machine that measured, not this one
     table = capsys.readouterr().out
+    assert table.startswith("Measured on: gpu:NVIDIA H200 (jax 0.11.2).")
     assert "| 128 | base | 1 | float32 |" in table
     assert "| 128 | h2d_uint8_32px | 393216 | 0.300 |" in table
 
@@ -205,7 +302,7 @@ def test_allocator_env(monkeypatch, tmp_path):
         common.allocator_env("jemalloc", {})
 
 
-def test_profile_pairs_async_ends_and_names_instructions(capsys):
+def test_profile_pairs_async_ends():
     profile = load("profile_step")
     trace = [  # a synchronous fusion, and an asynchronous dot that ends 5 ms after its launch
         {"ph": "X", "name": "fusion.1", "ts": 0.0, "dur": 2000.0}
@@ -215,10 +312,13 @@ def test_profile_pairs_async_ends_and_names_instructions(capsys):
         {"ph": "X", "name": "end: dot.2", "ts": 6900.0, "dur": 100.0, "args": {}},
     ]
     assert profile.op_times(trace, calls=1) == {("jit_f", "fusion.1"): 2.0, ("jit_f", "dot.2"): 5.0}
-    records = profile.main(
-        "--model vit_test_patch4_16 --split-index 2 --num-classes 10 --batch 8 --method adc "
-        "--xi 0.5 --xla-default --program client_backward --calls 1".split()
-    )
+
+
+@pytest.mark.slow
+def test_profile_names_instructions(capsys):
+    profile = load("profile_step")
+    argv = "--method adc --xi 0.5 --xla-default --program client_backward --calls 1"
+    records = profile.main([*TINY, *argv.split()])
     ops = [r for r in records if r["record"] == "op"]
     assert ops and {r["kind"] for r in ops} <= set(profile.KINDS)
     assert any(r["kind"] in ("matmul", "fusion+matmul") for r in ops)
