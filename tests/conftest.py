@@ -14,8 +14,8 @@ import tempfile  # noqa: E402
 import jax  # noqa: E402
 
 # Compilation dominates test time on a CPU. Several tests (a run and its resumption, the same
-# model under several methods) compile identical programs: a session-wide persistent cache makes
-# the repeats cheap. A fresh directory per session, so nothing stale is ever read.
+# model under several methods) compile identical programs: a persistent cache for the whole test
+# run makes the repeats cheap. A fresh directory per test run, so nothing stale is ever read.
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="adc_jax_xla_cache_"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -28,7 +28,7 @@ FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 
 @pytest.fixture(scope="session")
 def fashion_dir(tmp_path_factory):
-    """Fashion-MNIST prepared once per session from the real IDX files (about 10 s)."""
+    """Fashion-MNIST prepared once per test run from the real IDX files (about 10 s)."""
     from adc_jax import data
 
     if not os.path.exists(os.path.join(FASHION_DIR, "train-images-idx3-ubyte.gz")):

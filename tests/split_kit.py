@@ -1,6 +1,6 @@
 """What test_split.py and test_select.py share: the tiny split ViT, a batch, protocols, states.
 
-The fixtures are registered in conftest.py (session scope: one model, one set of parameters).
+The fixtures are registered in conftest.py (one per test run: one model, one set of parameters).
 """
 
 import jax

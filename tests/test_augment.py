@@ -119,6 +119,7 @@ def test_flip_really_flips():
     assert 0 < sum(is_flipped) < 16
 
 
+@pytest.mark.slow
 def test_vmap_over_steps_matches_separate_calls(train_fn):
     images = jnp.asarray(smooth_images(2 * B, 3)).reshape(2, B, 32, 32, 3)
     keys = jax.random.split(jax.random.key(4), 2)
@@ -179,6 +180,7 @@ def _torchvision_inverse_affine(center, angle, translate, shear):
     return [m[0], m[1], m[2] + cx, m[3], m[4], m[5] + cy]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("c", [1, 3])
 def test_ops_match_pil(c):
     pil = pytest.importorskip("PIL")

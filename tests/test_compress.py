@@ -324,6 +324,7 @@ def test_identical_rows_and_all_nan():
 # ---- Determinism ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_deterministic_given_key():
     tokens, scores, labels = make_inputs(3, MAIN)
     first = run(tokens, scores, MAIN, key=5, labels=labels)
@@ -387,6 +388,7 @@ def test_gradient_is_scatter_over_cluster_size(mode):
     assert (np.asarray(grads[0])[want == 0] == 0).all()
 
 
+@pytest.mark.slow
 def test_gradient_finite_differences():
     # float64 (tokens and a nonlinear loss), so central differences are accurate to ~eps².
     tokens, scores, _ = make_inputs(8, MAIN, "attention")
@@ -615,6 +617,7 @@ def random_shapes(draw):
     )
 
 
+@pytest.mark.slow
 @settings(max_examples=8, deadline=None)
 @given(
     shape=random_shapes(),

@@ -51,6 +51,7 @@ def assert_valid(result, num_points, num_clusters):
 # ---- Plain Lloyd, exactly ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_reproduces_numpy_lloyd_from_the_same_initial_rows():
     rng = np.random.default_rng(0)
     compared = 0

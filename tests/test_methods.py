@@ -147,6 +147,7 @@ def test_payload_keeps_the_tokens_dtype_and_bytes_follow_it(name):
 # ---- C3-SL -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_c3sl_ratio_one_decodes_exactly():
     x = tokens_of(1)
     payload, decoded, _, _ = roundtrip(C3SL(ratio=1), x)
@@ -179,6 +180,7 @@ def test_c3sl_superposes_groups_and_keeps_every_label():
     np.testing.assert_allclose(decoded.reshape(B // 4, 4, SIZE), read, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_c3sl_correlation_is_the_adjoint_of_convolution():
     @jax.jit
     def check(keys, x, y):
@@ -244,6 +246,7 @@ def test_c3sl_batch_not_divisible_by_ratio_is_a_clear_error():
 # ---- BottleNet++ -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bottlenet_widths_and_parameters():
     method = METHOD_CASES["bottlenet"]
     assert method.widths(D) == (6, 4)  # D′ = round(0.5·8) = 4, h = round((8 + 4)/2) = 6
@@ -402,6 +405,7 @@ def test_quantize_constant_tensors_stay_finite():
 # ---- FedLite -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fedlite_codebook_and_codes_reproduce_the_payload():
     method = METHOD_CASES["fedlite"]  # q = 8 sub-vectors of d = 5, R = 2 groups, L = 4
     x = tokens_of(12)
@@ -516,6 +520,7 @@ PMAP_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(PMAP_CASES))
 def test_one_client_over_devices_encodes_as_on_one_device(name):
     """Under a named axis the payload and the client's gradient equal the one-device ones."""
@@ -586,6 +591,7 @@ def toy_params(key):
     return client, server
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in METHOD_CASES if n != "base"])
 def test_two_steps_of_the_protocol_split_and_fused(name):
     method = METHOD_CASES[name]

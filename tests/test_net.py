@@ -241,6 +241,7 @@ def test_a_client_with_another_config_is_refused_with_the_differences(live, cert
     assert "seed: server 0, client 7" in e.value.details()
 
 
+@pytest.mark.slow
 def test_malformed_messages_are_refused_and_the_server_keeps_serving(live, certs):
     server, address = live
     incarnation = _hello(server, address, certs)["incarnation"]

@@ -52,7 +52,7 @@ def test_notebook_runs_in_tiny_mode(tmp_path, monkeypatch):
 
     monkeypatch.setenv("ADC_NOTEBOOK_TINY", "1")
     monkeypatch.setenv("ADC_NOTEBOOK_WORKDIR", str(tmp_path))
-    # The kernel inherits the session's persistent compilation cache (tests/conftest.py), which
+    # The kernel inherits the test run's persistent compilation cache (tests/conftest.py), which
     # the CIFAR-100 runlocal test of test_train.py shares with the notebook's ADC run.
     cache = jax.config.jax_compilation_cache_dir
     if cache:

@@ -76,6 +76,7 @@ def write(tmp_path, state, name="ckpt.safetensors"):
 # ---- parity with the NumPy timm forward -----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_converted_checkpoint_matches_numpy_reference(loaded, state, images):
     model, params = loaded
     assert model.config == CONFIG and model.split_index == 2
@@ -86,6 +87,7 @@ def test_converted_checkpoint_matches_numpy_reference(loaded, state, images):
     np.testing.assert_allclose(scores, attn[1][:, :, 0].mean(1), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_true_deit_tiny_shapes(tmp_path):
     config = vit.MODELS["deit_tiny_patch16_224"]
     state = R.random_state(arch(config), seed=3, qkv_gain=1.0)
@@ -182,6 +184,7 @@ def test_new_head_needs_a_key(ckpt):
         pretrained.load_timm(ckpt, model_name=NAME, split_index=2, num_classes=5)
 
 
+@pytest.mark.slow
 def test_new_head_is_drawn_from_key_and_logged(ckpt, loaded, images, caplog):
     _, old = loaded
     with caplog.at_level(logging.WARNING, logger="adc_jax.pretrained"):
@@ -209,6 +212,7 @@ def test_same_num_classes_keeps_the_head(ckpt, loaded):
 # ---- position embedding resize ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_image_size_resamples_pos_embed(ckpt, loaded, tmp_path):
     _, old = loaded
     model, params = pretrained.load_timm(ckpt, model_name=NAME, split_index=2, image_size=24)

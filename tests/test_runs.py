@@ -107,6 +107,7 @@ def test_default_workdirs_tell_runs_apart(tiny):
     assert train.default_workdir(CONFIG_FILE, tiny) != name
 
 
+@pytest.mark.slow
 def test_another_learning_rate_is_refused_before_anything_is_written(tiny, recorded):
     workdir = recorded
     before = files(workdir)
@@ -118,6 +119,7 @@ def test_another_learning_rate_is_refused_before_anything_is_written(tiny, recor
     assert files(workdir) == before
 
 
+@pytest.mark.slow
 def test_another_method_is_refused_even_when_allowed(tiny, recorded):
     """Base on an ADC workdir: refused; allowed by name, still refused since a step sends other
     bytes (the run's bytes would count ADC steps as Base's)."""

@@ -26,6 +26,7 @@ def protocol(model, method, select_in_client, **kwargs):
 # ---- The model: selected rows of the last block == the same rows of the full block ------------
 
 
+@pytest.mark.slow
 def test_client_with_select_equals_the_gathered_full_output(model, params, batch):
     images = batch["image"]
     k = 5
@@ -65,6 +66,7 @@ def test_client_with_select_equals_the_gathered_full_output(model, params, batch
     assert float(jnp.abs(g_sel[0]["blocks_0"]["attn"]["qkv"]["kernel"]).max()) > 1e-6
 
 
+@pytest.mark.slow
 def test_compress_is_cluster_then_merge(batch):
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.normal(size=(B, 9, 4)), jnp.float32)
@@ -85,6 +87,7 @@ def test_compress_is_cluster_then_merge(batch):
 # ---- The protocol: payload, gradients and trajectory are those of the full path -------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("xi", [0.25, 1.0])  # 1.0: k = N, every position kept
 def test_selected_path_gives_the_same_payload_and_gradients(model, params, batch, xi):
     results = []
@@ -106,6 +109,7 @@ def test_selected_path_gives_the_same_payload_and_gradients(model, params, batch
     assert_trees_close(client_sel, client_full, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_selected_path_trains_like_the_full_path_under_jit(model, params, batch):
     states = []
     for select_in_client in (False, True):
@@ -120,6 +124,7 @@ def test_selected_path_trains_like_the_full_path_under_jit(model, params, batch)
     assert_trees_close(selected.server.params, full.server.params, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("per_client", [False, True])
 def test_selected_path_under_pmap_equals_the_full_path(model, params, per_client):
     """Global ADC: full path on one device == selected path on eight. Per-client ADC (each of

@@ -36,6 +36,7 @@ def three_steps(adc_protocol, adc_programs, model, params, batch):
     return run(adc_programs.split_step, fresh_state(adc_protocol, model, params), batch)
 
 
+@pytest.mark.slow
 def test_split_protocol_equals_fused_step(
     adc_protocol, adc_programs, model, params, batch, three_steps
 ):
@@ -85,6 +86,7 @@ def test_the_first_non_finite_step_is_kept_on_the_device(
     assert int(metrics["bad_step"]) == int(state.bad_step) == 2 and int(state.step) == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [16, 24])  # T = 8 shards over 8 devices; T = 12 does not
 def test_one_device_equals_eight(model, params, batch_size):
     protocol = make_protocol(model, ADC(xi=0.25))
@@ -207,6 +209,7 @@ def test_bfloat16_payload_bytes_are_half_of_float32():
 # ---- The link ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_identity_link_delivers_the_true_gradient(adc_protocol, model, params, batch):
     """The gradient the client applies equals jax.grad of the end-to-end loss."""
     protocol = adc_protocol

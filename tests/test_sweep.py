@@ -180,6 +180,7 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_tiny_grid_runs_skips_resumes_and_plots(tiny_args, tmp_path, capsys, monkeypatch):
     root = str(tmp_path / "sweep")
     assert sweep.main(["run", *tiny_args, "--root", root, "--dry_run"]) == 0

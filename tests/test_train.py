@@ -33,6 +33,7 @@ def final_state(config, workdir):
     return train.Checkpoints(workdir, 1).restore(exp.initial_state)
 
 
+@pytest.mark.slow
 def test_fashion_mnist_run_writes_metrics_summary_and_checkpoints(tiny, tmp_path):
     summary = train.train_and_evaluate(tiny, str(tmp_path))
     for key in (
@@ -65,6 +66,7 @@ def test_fashion_mnist_run_writes_metrics_summary_and_checkpoints(tiny, tmp_path
     assert rows[-1]["test_accuracy"] == summary["test_accuracy"]
 
 
+@pytest.mark.slow
 def test_restarted_run_continues_exactly(tiny, tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     train.train_and_evaluate(tiny, str(whole))
@@ -99,6 +101,7 @@ def test_budget_buys_steps_in_proportion_to_xi(tiny):
     assert steps["adc"] / steps["base"] == pytest.approx(10.0, rel=0.01)
 
 
+@pytest.mark.slow
 def test_eight_devices_run(tiny, tmp_path):
     tiny.devices.count = 8
     tiny.budget.steps = 2
@@ -153,6 +156,7 @@ def test_state_is_a_plain_pytree(tiny):
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(state))
 
 
+@pytest.mark.slow
 def test_every_method_trains_through_train_py(tiny, tmp_path):
     """Each method, two steps of the real loop; evaluation uncompressed but for BottleNet++."""
     from adc_jax.methods import METHODS
@@ -209,6 +213,7 @@ def test_deit_tiny_fashion_mnist_config():
         config_kit.load("deit_t_fashion_mnist", "full")
 
 
+@pytest.mark.slow
 def test_a_class_subset_is_a_smaller_task(tiny):
     tiny.dataset.classes = "5-9"
     exp = train.setup(tiny)

@@ -127,6 +127,7 @@ def test_client_rejects_wrong_image_shape():
 # ---- init ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_init_tree_layout_and_dtypes():
     model = vit.make_model(NAME, split_index=1)
     params = model.init(jax.random.key(0))
@@ -150,6 +151,7 @@ def test_init_tree_layout_and_dtypes():
     assert tokens.shape == (2, 17, 32) and bool(jnp.isfinite(scores).all())
 
 
+@pytest.mark.slow
 def test_split_vit_is_a_static_jit_argument(split_runs, images):
     a = vit.make_model(NAME, split_index=2)
     b = vit.make_model(NAME, split_index=2)
@@ -211,6 +213,7 @@ def test_bfloat16_compute_is_close_to_float32(split_runs, images):
     assert float(jnp.abs(scores - run["scores"]).max()) < 0.05 * float(run["scores"].max())
 
 
+@pytest.mark.slow
 def test_gradients_reach_both_halves_but_not_through_scores(split_runs, images):
     run = split_runs[2]
     model, params = run["model"], run["params"]
@@ -258,6 +261,7 @@ def _softmax_einsum(q, k, v):
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v), probs[:, :, 0].mean(axis=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_queries", [9, 3, 1])  # all rows; the selected-rows form; CLS only
 def test_attention_equals_softmax_einsum(num_queries):
     keys = jax.random.split(jax.random.key(3), 3)
@@ -273,6 +277,7 @@ def test_attention_equals_softmax_einsum(num_queries):
     assert_close(grads(fused, q, k, v), grads(lambda *a: _softmax_einsum(*a)[0], q, k, v))
 
 
+@pytest.mark.slow
 def test_block_gives_the_same_output_with_and_without_the_cls_row():
     """The last client block (returns the row) and every other block compute the same function,
     gradients included."""
