@@ -15,8 +15,13 @@ import jax  # noqa: E402
 
 # Compilation dominates test time on a CPU. Several tests (a run and its resumption, the same
 # model under several methods) compile identical programs: a persistent cache for the whole test
-# run makes the repeats cheap. A fresh directory per test run, so nothing stale is ever read.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="adc_jax_xla_cache_"))
+# run makes the repeats cheap. A fresh directory per test run, so nothing stale is ever read; the
+# pytest-xdist workers of one run share it (JAX writes each entry atomically).
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+_CACHE = os.path.join(tempfile.gettempdir(), f"adc_jax_xla_cache_{_RUN}") if _RUN else None
+if _CACHE:
+    os.makedirs(_CACHE, exist_ok=True)
+jax.config.update("jax_compilation_cache_dir", _CACHE or tempfile.mkdtemp(prefix="adc_jax_xla_"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
@@ -24,6 +29,12 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 import pytest  # noqa: E402
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject.toml): one worker per core, at most 4 (each holds its own compiled
+    programs and datasets, a few GiB)."""
+    return max(1, min(os.cpu_count() or 1, 4))
 
 
 @pytest.fixture(scope="session")
