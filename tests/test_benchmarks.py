@@ -246,13 +246,13 @@ def test_tiny_grid_end_to_end(grid, capsys, monkeypatch):
     """A real grid at toy sizes: step.py in its own processes, records passed on, then tables."""
     path = [str(BENCHMARKS.parent), *filter(None, [os.environ.get("PYTHONPATH")])]
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(path))  # adc_jax, installed or not
-    argv = ["--batches", "8", "--xis", "0.5", "--paired-xis", "0.5", "--malloc", "system"]
+    argv = ["--batches", "8", "--xis", "0.5", "--paired-xis", "--malloc", "system"]
     records = grid.main([*argv, *TINY_MODEL, "--steps", "1", "--warmup", "1", "--xla-default"])
     out = capsys.readouterr()
     assert [json.loads(line) for line in out.out.splitlines()] == records
     rows = {r["method"]: r for r in records if r["record"] == "summary"}
     assert set(rows) == {"base", "adc"} and rows["adc"]["step_over_base"] > 0
-    assert {r["record"] for r in records} >= {"time", "memory", "check", "input", "paired_ratio"}
+    assert {r["record"] for r in records} >= {"time", "memory", "check", "input"}
     assert "| 8 | adc | 0.5 | float32 |" in out.err and "| 8 | 0.5 | float32 |" in out.err
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -27,6 +28,7 @@ def summary_line(output: str) -> dict:
     return json.loads(line[len("SUMMARY ") :])
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(fashion_dir, tmp_path):
     worker = os.path.join(HERE, "multihost_worker.py")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ADC_", "JAX_COORD"))}

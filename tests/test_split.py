@@ -64,6 +64,7 @@ def _poison(tree):
     return jax.tree.unflatten(treedef, leaves)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["split_step", "fused_step"])
 @pytest.mark.parametrize("where", ["client params", "server params", "images"])
 def test_the_first_non_finite_step_is_kept_on_the_device(
@@ -106,6 +107,7 @@ def test_one_device_equals_eight(model, params, batch_size):
     np.testing.assert_allclose(loss_one, loss_eight, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_per_client_mode_runs_and_accounting_sums_clients(model, params, batch):
     devices = jax.devices()[:4]
     method = ADC(xi=0.25)

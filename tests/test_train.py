@@ -109,6 +109,7 @@ def test_eight_devices_run(tiny, tmp_path):
     assert summary["num_devices"] == 8 and math.isfinite(summary["test_accuracy"])
 
 
+@pytest.mark.slow
 def test_cifar100_config_code_path_without_tensorflow(tmp_path):
     """The paper's CIFAR-100 config (tiny model) through mock tfds data and augmentation."""
     config = config_kit.load("deit_t_cifar100", "runlocal")
