@@ -253,7 +253,7 @@ def test_tiny_grid_end_to_end(grid, capsys, monkeypatch):
     rows = {r["method"]: r for r in records if r["record"] == "summary"}
     assert set(rows) == {"base", "adc"} and rows["adc"]["step_over_base"] > 0
     assert {r["record"] for r in records} >= {"time", "memory", "check", "input"}
-    assert "| 8 | adc | 0.5 | float32 |" in out.err and "| 8 | 0.5 | float32 |" in out.err
+    assert "| 8 | adc | 0.5 | float32 |" in out.err
 
 
 def test_summarize_reads_jsonl_files(grid, tmp_path, capsys):
