@@ -13,28 +13,18 @@ import subprocess
 import sys
 import time
 
+import config_kit
 import jax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_overrides(data_dir, **extra) -> dict:
-    """The Fashion-MNIST config on the tiny test ViT: one device, a few steps."""
-    values = {
-        "model.name": "vit_test_patch4_16",
-        "dataset.data_dir": str(data_dir),
-        "batch_size": 16,
-        "eval_batch_size": 1000,
-        "budget.steps": 6,
-        "log_every_steps": 2,
-        "checkpoint_every_steps": 3,
-        "devices.count": 1,
-        "progress": False,
-        "net.idle_timeout": 120.0,
-        "net.retry_seconds": 120.0,
-    }
-    values.update(extra)
-    return values
+    """config_kit's tiny run (the Fashion-MNIST config on the tiny test ViT, one device, a few
+    steps), with the network's timeouts long enough for a loaded test machine."""
+    return config_kit.tiny_fields(
+        data_dir, **{"net.idle_timeout": 120.0, "net.retry_seconds": 120.0, **extra}
+    )
 
 
 def apply_overrides(config, overrides: dict):
