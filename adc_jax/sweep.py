@@ -117,12 +117,7 @@ class Run:
         config.seed = self.seed
         for key, value in self.knobs:
             config.method[key] = value
-        for dotted, value in self.overrides:
-            *parents, leaf = dotted.split(".")
-            node = config
-            for part in parents:
-                node = node[part]
-            node[leaf] = value
+        config.update_from_flattened_dict(dict(self.overrides))
         return config
 
 
