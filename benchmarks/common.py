@@ -198,6 +198,18 @@ def peak_memory() -> dict[str, Any]:
     return {"peak_bytes": int(rss * scale), "peak_source": "process_max_rss"}
 
 
+def add_torch_arguments(parser, python_help: str) -> None:
+    """``--torch-python`` (help: ``python_help``) and ``--torch-device``, read by
+    :func:`torch_command`."""
+    parser.add_argument("--torch-python", help=python_help)
+    parser.add_argument(
+        "--torch-device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="with --torch-python: where PyTorch runs (cpu: 2 threads)",
+    )
+
+
 def torch_command(args, batch: int, *extra: str) -> list[str]:
     """``benchmarks/torch_step.py`` under ``args.torch_python`` at ``args``'s model, split, head
     and dtype (bfloat16: ``--amp``) for ``batch`` images, on ``args.torch_device`` (a CPU: 2

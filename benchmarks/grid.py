@@ -47,7 +47,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import step  # noqa: E402
-from common import ALLOCATORS, allocator_env, emit, torch_command  # noqa: E402
+from common import ALLOCATORS, add_torch_arguments, allocator_env, emit, torch_command  # noqa: E402
 
 BATCHES = (32, 64, 128)
 XIS = (0.5, 0.1, 0.01)
@@ -91,16 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="no timing: the summary and tables of records written earlier (JSON-lines files of "
         "step.py and torch_step.py)",
     )
-    p.add_argument(
-        "--torch-python",
-        help="an interpreter with torch + timm: PyTorch's step (benchmarks/torch_step.py) per "
-        "batch as a yardstick, and on a CPU step.py --paired-torch per batch",
-    )
-    p.add_argument(
-        "--torch-device",
-        choices=("cpu", "cuda"),
-        default="cpu",
-        help="with --torch-python: where PyTorch runs (cpu: 2 threads)",
+    add_torch_arguments(
+        p,
+        "an interpreter with torch + timm: PyTorch's step (benchmarks/torch_step.py) per batch "
+        "as a yardstick, and on a CPU step.py --paired-torch per batch",
     )
     args, rest = p.parse_known_args(argv)
     fixed = sorted({word.split("=")[0] for word in rest} & set(PER_RUN))

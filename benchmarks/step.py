@@ -73,6 +73,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
+    add_torch_arguments,
     configure_xla,
     emit,
     environment,
@@ -130,16 +131,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Base: time our steps and PyTorch's (--torch-python, benchmarks/torch_step.py "
         "--serve) alternately, one call at a time, PyTorch in a second process",
     )
-    p.add_argument(
-        "--torch-python",
-        help="with --paired-torch: an interpreter with torch + timm for benchmarks/torch_step.py "
+    add_torch_arguments(
+        p,
+        "with --paired-torch: an interpreter with torch + timm for benchmarks/torch_step.py "
         "(bfloat16: --amp)",
-    )
-    p.add_argument(
-        "--torch-device",
-        choices=("cpu", "cuda"),
-        default="cpu",
-        help="with --torch-python: where PyTorch runs (cpu: 2 threads)",
     )
     return p.parse_args(argv)
 
