@@ -9,19 +9,23 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 import jax  # noqa: E402
 
 # Compilation dominates test time on a CPU. Several tests (a run and its resumption, the same
 # model under several methods) compile identical programs: a persistent cache for the whole test
-# run makes the repeats cheap. A fresh directory per test run, so nothing stale is ever read; the
-# pytest-xdist workers of one run share it (JAX writes each entry atomically).
-_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-_CACHE = os.path.join(tempfile.gettempdir(), f"adc_jax_xla_cache_{_RUN}") if _RUN else None
-if _CACHE:
-    os.makedirs(_CACHE, exist_ok=True)
-jax.config.update("jax_compilation_cache_dir", _CACHE or tempfile.mkdtemp(prefix="adc_jax_xla_"))
+# run makes the repeats cheap. A fresh directory per test run, so nothing stale is ever read: the
+# first process of the run (pytest itself, or pytest-xdist's controller) makes it and removes it
+# when it exits; the xdist workers it starts inherit the variable and share the directory (JAX
+# writes each entry atomically).
+_CACHE_VAR = "ADC_JAX_TEST_XLA_CACHE"
+if _CACHE_VAR not in os.environ:
+    os.environ[_CACHE_VAR] = tempfile.mkdtemp(prefix="adc_jax_test_xla_cache_")
+    atexit.register(shutil.rmtree, os.environ[_CACHE_VAR], ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VAR])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
