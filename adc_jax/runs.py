@@ -167,14 +167,8 @@ def has_checkpoint(workdir: str) -> bool:
         return False
 
 
-def check_workdir(workdir: str, config: ml_collections.ConfigDict, cost) -> dict[str, Any]:
-    """Refuses a workdir this config must not resume; returns the ``run.json`` to record.
-
-    Reads only. Raises :class:`RunDiverged` for a diverged run, :class:`WorkdirMismatch` when
-    the workdir's checkpoints belong to an experiment with other defining fields (unless each is
-    allowed by ``config.allow_changes`` and a step still sends the same bytes). A workdir without
-    a checkpoint has nothing to resume: it starts afresh whatever it held.
-    """
+def check_not_diverged(workdir: str) -> None:
+    """Raises :class:`RunDiverged` when ``workdir`` holds a run marked by :func:`mark_diverged`."""
     diverged = _read_json(os.path.join(workdir, DIVERGED_FILE))
     if diverged is not None:
         raise RunDiverged(
@@ -184,6 +178,17 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict, cost) -> dict
             f"{os.path.join(workdir, DIVERGED_FILE)} and name the changed fields in "
             "--config.allow_changes (docs/runs.md)."
         )
+
+
+def check_workdir(workdir: str, config: ml_collections.ConfigDict, cost) -> dict[str, Any]:
+    """Refuses a workdir this config must not resume; returns the ``run.json`` to record.
+
+    Reads only. Raises :class:`RunDiverged` for a diverged run, :class:`WorkdirMismatch` when
+    the workdir's checkpoints belong to an experiment with other defining fields (unless each is
+    allowed by ``config.allow_changes`` and a step still sends the same bytes). A workdir without
+    a checkpoint has nothing to resume: it starts afresh whatever it held.
+    """
+    check_not_diverged(workdir)
     current = identity(config)
     record = {
         "fingerprint": fingerprint(config),

@@ -354,6 +354,41 @@ def test_one_client_over_the_network_gives_the_in_process_run(in_process, fashio
 
 
 @pytest.mark.slow
+def test_a_diverged_run_stops_both_sides_with_one_paragraph_and_saves_nothing(
+    fashion_dir, tmp_path
+):
+    """Adam at 1e5 (as in test_runs): the first non-finite step stops the client with the
+    one-paragraph divergence message, the server logs it, and neither side saves that state."""
+    overrides = net_kit.tiny_overrides(fashion_dir, **{**RUN, "optimizer.learning_rate": 1e5})
+    server, address = net_kit.start_server(tmp_path / "server", overrides)
+    client = net_kit.start_client(
+        tmp_path / "client", overrides, address, tmp_path / "server" / "token"
+    )
+    try:
+        assert client.wait() == 1, client.output()[-3000:]
+    finally:
+        client.stop()
+        server.stop()
+    out = client.output()
+    assert "not finite at step 2" in out and "Traceback" not in out, out[-3000:]
+    events = net_kit.read_jsonl(tmp_path / "server" / "events.jsonl")
+    assert [e["seq"] for e in events if e["event"] == "diverged"] == [2]
+    for side in ("client", "server"):  # checkpoints every 4 steps: none was due before step 2
+        assert not os.listdir(tmp_path / side / "checkpoints"), side
+    logged = net_kit.read_jsonl(tmp_path / "client" / "metrics.jsonl")
+    assert not any("loss" in r and r["step"] >= 2 for r in logged)
+    # The client's workdir is marked: the same command again is refused before any connection.
+    again = net_kit.start_client(
+        tmp_path / "client", overrides, address, tmp_path / "server" / "token", timeout=60
+    )
+    try:
+        assert again.wait() == 1
+    finally:
+        again.stop()
+    assert "holds a run that diverged" in again.output(), again.output()[-3000:]
+
+
+@pytest.mark.slow
 def test_killing_and_restarting_each_side_gives_the_uninterrupted_run(
     in_process, fashion_dir, tmp_path
 ):

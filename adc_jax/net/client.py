@@ -45,6 +45,10 @@ _TRANSIENT = {
 _LINK_FIELDS = ("up_mbps", "down_mbps", "up_latency_ms", "down_latency_ms")
 
 
+def _is_float(x) -> bool:
+    return np.issubdtype(x.dtype, np.floating) or x.dtype == wire.np_dtype("bfloat16")
+
+
 class NetError(RuntimeError):
     """The server refused a request, or could not be reached in time; the message says why."""
 
@@ -239,6 +243,8 @@ class SplitClient:
     def _exchange(self, seq: int, payload) -> tuple[np.ndarray, dict[str, float]]:
         """Sends step ``seq``'s payload; the gradient and the server's metrics."""
         payload = jax.device_get(payload)  # waits for the forward pass: not the exchange's time
+        if not all(np.isfinite(x).all() for x in jax.tree.leaves(payload) if _is_float(x)):
+            self._diverged(seq)  # the server would refuse it
         start = time.perf_counter()
         arrays = self.plan.payload_arrays(payload)
         frame = self._request(
@@ -249,6 +255,8 @@ class SplitClient:
         meta = frame.meta
         if meta["status"] == "skip":
             raise Resync("skip", meta["applied"])
+        if not meta["server_finite"]:  # the gradient is not usable (nor finite, to be checked)
+            self._diverged(seq)
         (gradient,) = self.plan.check(frame, (self.plan.gradient,)).values()
         if self.step > 0 and meta["status"] == "applied":  # not the compiling first step
             self.exchange_seconds.append(time.perf_counter() - start)
@@ -316,6 +324,18 @@ class SplitClient:
         tree = {"client": host.client, "step": host.step, "rng": host.rng}
         self._checkpoints.save(step, tree, {"step": step, "client": self.index})
 
+    def _diverged(self, bad_step: int) -> None:
+        """Stops the run at its first step whose activations, loss, gradients or parameters were
+        not finite (on either side): marks the workdir, so that a restart is refused, and raises
+        :class:`adc_jax.runs.RunDiverged`. Nothing of that step was synced, saved or logged."""
+        last = max(self._checkpoints.steps(), default=0)
+        message = runs.mark_diverged(self.workdir, bad_step, bad_step, last)
+        raise runs.RunDiverged(
+            f"{message} Lower optimizer.learning_rate (now "
+            f"{self.config.optimizer.learning_rate:g}) or check the data, and start both sides "
+            "again in other workdirs (docs/runs.md)."
+        )
+
     def _record(self, step: int) -> dict[str, Any]:
         cost = self.exp.cost
         return {
@@ -332,6 +352,7 @@ class SplitClient:
         """
         start_time = time.time()
         config, exp = self.config, self.exp
+        runs.check_not_diverged(self.workdir)
         os.makedirs(self.workdir, exist_ok=True)
         with open(os.path.join(self.workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
@@ -413,11 +434,7 @@ class SplitClient:
         s, schedule = self.step, self.exp.schedule
         bad_step = int(np.asarray(jax.device_get(split.unreplicate(state.bad_step))))
         if bad_step:  # stop before anything non-finite is synced, saved or logged
-            raise runs.RunDiverged(
-                f"The loss, gradients or parameters were not finite at step {bad_step}; lower "
-                f"optimizer.learning_rate (now {self.config.optimizer.learning_rate:g}) or check "
-                "the data, and start again in other workdirs."
-            )
+            self._diverged(bad_step)
         sync_every = self.config.net.sync_every
         if self.net.num_clients > 1 and sync_every > 0 and s % sync_every == 0:
             state = self._sync(state, s // sync_every)
