@@ -19,7 +19,7 @@ import json
 import os
 import random
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import jax
@@ -324,7 +324,7 @@ class SplitClient:
         tree = {"client": host.client, "step": host.step, "rng": host.rng}
         self._checkpoints.save(step, tree, {"step": step, "client": self.index})
 
-    def _diverged(self, bad_step: int) -> None:
+    def _diverged(self, bad_step: int) -> NoReturn:
         """Stops the run at its first step whose activations, loss, gradients or parameters were
         not finite (on either side): marks the workdir, so that a restart is refused, and raises
         :class:`adc_jax.runs.RunDiverged`. Nothing of that step was synced, saved or logged."""
