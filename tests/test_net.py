@@ -1,6 +1,7 @@
 """adc_jax.net: the wire format, message checks, TLS and token, faults, several clients, and the
 bytes on the wire against the accounting. Loopback only; every process stops by itself."""
 
+import dataclasses
 import importlib.util
 import os
 import threading
@@ -13,7 +14,7 @@ import net_kit
 import numpy as np
 import pytest
 
-from adc_jax import link, train
+from adc_jax import link, runs, train
 from adc_jax.net import transport, wire
 from adc_jax.net.client import SplitClient
 from adc_jax.net.server import SplitServer, _SyncRounds
@@ -386,6 +387,36 @@ def test_a_diverged_run_stops_both_sides_with_one_paragraph_and_saves_nothing(
     finally:
         again.stop()
     assert "holds a run that diverged" in again.output(), again.output()[-3000:]
+
+
+@pytest.mark.slow
+def test_a_non_finite_payload_is_never_sent(fashion_dir, tmp_path):
+    """The client's forward pass made non-finite at step 3 (as a bad batch would): the client
+    stops there with the divergence message, and the server never receives step 3."""
+    config = load_config(net_kit.tiny_overrides(fashion_dir, **RUN))
+    server = SplitServer(config, str(tmp_path / "server"), token=TOKEN)
+    address = server.start("127.0.0.1:0")
+    try:
+        client = SplitClient(config, address, str(tmp_path / "client"), token=TOKEN)
+        forward, calls = client.exp.programs.client_forward, []
+
+        def poisoned(state, batch):
+            payload, vjp = forward(state, batch)
+            calls.append(None)
+            if len(calls) == 3:
+                payload = payload._replace(activations=payload.activations * np.nan)
+            return payload, vjp
+
+        programs = client.exp.programs._replace(client_forward=poisoned)
+        client.exp = dataclasses.replace(client.exp, programs=programs)
+        with pytest.raises(runs.RunDiverged, match="not finite at step 3"):
+            client.run(evaluate=False)
+        assert server.applied == [2]
+    finally:
+        server.request_stop("test over")
+        server.close()
+    with pytest.raises(runs.RunDiverged, match="holds a run that diverged"):
+        runs.check_not_diverged(str(tmp_path / "client"))
 
 
 @pytest.mark.slow
