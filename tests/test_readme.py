@@ -8,9 +8,13 @@ import pytest
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
 
+def _read(path):
+    with open(os.path.join(os.path.dirname(README), path)) as f:
+        return f.read()
+
+
 def python_blocks():
-    with open(README) as f:
-        return re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+    return re.findall(r"```python\n(.*?)```", _read("README.md"), flags=re.S)
 
 
 @pytest.mark.slow
@@ -24,17 +28,9 @@ def test_compress_example_runs(capsys):
 
 
 def test_two_commands_match_ci():
-    with open(README) as f:
-        text = f.read()
     test_command = 'pip install -e ".[test]" && python -m pytest -q'
-    assert test_command in text
-    with open(os.path.join(os.path.dirname(README), ".ci", "run")) as f:
-        assert test_command in f.read()
-
-
-def _read(path):
-    with open(os.path.join(os.path.dirname(README), path)) as f:
-        return f.read()
+    assert test_command in _read("README.md")
+    assert test_command in _read(os.path.join(".ci", "run"))
 
 
 def test_readme_is_short_and_links_every_docs_page():

@@ -45,10 +45,6 @@ _TRANSIENT = {
 _LINK_FIELDS = ("up_mbps", "down_mbps", "up_latency_ms", "down_latency_ms")
 
 
-def _is_float(x) -> bool:
-    return np.issubdtype(x.dtype, np.floating) or x.dtype == wire.np_dtype("bfloat16")
-
-
 class NetError(RuntimeError):
     """The server refused a request, or could not be reached in time; the message says why."""
 
@@ -243,7 +239,7 @@ class SplitClient:
     def _exchange(self, seq: int, payload) -> tuple[np.ndarray, dict[str, float]]:
         """Sends step ``seq``'s payload; the gradient and the server's metrics."""
         payload = jax.device_get(payload)  # waits for the forward pass: not the exchange's time
-        if not all(np.isfinite(x).all() for x in jax.tree.leaves(payload) if _is_float(x)):
+        if not all(wire.all_finite(np.asarray(x)) for x in jax.tree.leaves(payload)):
             self._diverged(seq)  # the server would refuse it
         start = time.perf_counter()
         arrays = self.plan.payload_arrays(payload)

@@ -202,10 +202,9 @@ class Plan:
             if array.codec.kind == "omit":
                 continue
             value = array.value()
-            if np.issubdtype(value.dtype, np.floating) or value.dtype == wire.np_dtype("bfloat16"):
-                if not np.all(np.isfinite(value.astype(np.float32))):
-                    raise WireError(f"Array {spec.name!r} holds non-finite values.")
-            elif spec.bound is not None and value.size:
+            if not wire.all_finite(value):
+                raise WireError(f"Array {spec.name!r} holds non-finite values.")
+            if spec.bound is not None and value.size:  # integer arrays only (ArraySpec.bound)
                 low, high = int(value.min()), int(value.max())
                 if low < 0 or high >= spec.bound:
                     raise WireError(

@@ -91,6 +91,12 @@ def np_dtype(name: str) -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
+def all_finite(array: np.ndarray) -> bool:
+    """Every value of a floating-point array (bfloat16 included) is finite; True for others."""
+    floating = np.issubdtype(array.dtype, np.floating) or array.dtype == np_dtype("bfloat16")
+    return not floating or bool(np.all(np.isfinite(array.astype(np.float32))))
+
+
 def dtype_name(dtype) -> str:
     name = np.dtype(dtype).name
     if name not in _DTYPE_CODE:
